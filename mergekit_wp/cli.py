@@ -14,6 +14,7 @@ _COMMANDS = {
     "inspect": "mergekit_wp.scoring.cli:inspect",
     "eval": "mergekit_wp.evaluation.cli:eval_command",
     "bench": "mergekit_wp.evaluation.cli:bench",
+    "demo": "mergekit_wp.evaluation.cli:demo",
     "analyze": "mergekit_wp.analyses.cli:analyze",
 }
 

@@ -237,6 +237,14 @@ class ModelShape:
                 out[name] = self.unit_slice(role, component.index, ndim)
         return out
 
+    def unit_index(self, unit: Unit, units: Any) -> Any:
+        """Indices along a role's unit axis owned by `units` (in order): `head_dim` each for heads."""
+        import torch
+
+        width = self.unit_width(unit)
+        units = torch.as_tensor(units, dtype=torch.long).reshape(-1, 1)
+        return (units * width + torch.arange(width)).reshape(-1)
+
     def unit_weights_for(self, role: TensorRole, unit_scores: Any) -> Any:
         """Expand per-unit values `[..., units]` to per-row/column values of the tensor axis.
 

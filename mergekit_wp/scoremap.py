@@ -123,11 +123,29 @@ def write_score_map(path: str | os.PathLike, scores: ScoreMap) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        Path(tmp).write_bytes(_canonical(Path(tmp).read_bytes()))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the map normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _canonical(blob: bytes) -> bytes:
+    """Sort the safetensors header: its metadata comes out in hash order, so equal maps would
+    otherwise give different bytes."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size :]
 
 
 def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> ScoreMap:
@@ -160,6 +178,8 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
                 ) from None
         keys = set(f.keys())
         layers = dims["num_hidden_layers"]
+        if layers < 1:
+            raise ScoreMapError(f"score map {source}: metadata num_hidden_layers must be at least 1")
 
         def load(key: str, length: int) -> torch.Tensor:
             if key not in keys:
@@ -210,6 +230,11 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
 
 
 def _validate_tensors(source: str, scores: ScoreMap) -> None:
+    if scores.heads.dim() != 2 or scores.neurons.dim() != 2:
+        raise ScoreMapError(
+            f"score map {source}: heads and neurons must be [layers, units]; got "
+            f"{list(scores.heads.shape)} and {list(scores.neurons.shape)}"
+        )
     layers, heads = scores.heads.shape
     if scores.neurons.shape[0] != layers:
         raise ScoreMapError(
