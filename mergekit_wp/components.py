@@ -9,8 +9,9 @@ PyTorch `nn.Linear.weight` is `[out, in]`: a head owns *rows* of `q_proj` and *c
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 Unit = Literal["head", "kv_group", "neuron"]
 
