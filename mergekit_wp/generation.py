@@ -13,9 +13,14 @@ def render_chat(tokenizer, user_text: str) -> str:
     )
 
 
-def pad_token_id(tokenizer) -> int:
-    """The pad id to use: the tokenizer's own, else its eos (models without a pad token)."""
-    if tokenizer.pad_token_id is not None:
+def pad_token_id(tokenizer, model=None) -> int:
+    """The pad id to use: the tokenizer's own, else its eos (models without a pad token).
+
+    With `model`, a pad id beyond its embedding rows (an instruct tokenizer's added `<pad>`
+    on the base model) also falls back to eos: pads are masked, any valid row will do.
+    """
+    rows = None if model is None else model.get_input_embeddings().num_embeddings
+    if tokenizer.pad_token_id is not None and (rows is None or tokenizer.pad_token_id < rows):
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
@@ -23,7 +28,7 @@ def pad_token_id(tokenizer) -> int:
 
 
 def encode_left_padded(
-    tokenizer, texts: list[str], device: torch.device | str | None = None
+    tokenizer, texts: list[str], device: torch.device | str | None = None, model=None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Token ids, attention mask and position ids of left-padded, chat-rendered texts.
 
@@ -33,7 +38,7 @@ def encode_left_padded(
     # Chat-rendered text already carries any BOS the template wants.
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     width = max(len(r) for r in rows)
-    pad = pad_token_id(tokenizer)
+    pad = pad_token_id(tokenizer, model)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
@@ -67,14 +72,14 @@ def generate(
     for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
         index = order[start : start + batch_size]
         input_ids, attention_mask, _ = encode_left_padded(
-            tokenizer, [prompts[i] for i in index], device
+            tokenizer, [prompts[i] for i in index], device, model
         )
         tokens = model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             do_sample=False,
             max_new_tokens=max_new_tokens,
-            pad_token_id=pad_token_id(tokenizer),
+            pad_token_id=pad_token_id(tokenizer, model),
             eos_token_id=tokenizer.eos_token_id,
         )
         new = tokens[:, input_ids.shape[1] :]

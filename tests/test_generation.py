@@ -1,3 +1,5 @@
+import copy
+
 import torch
 
 from mergekit_wp.generation import encode_left_padded, generate, render_chat
@@ -28,3 +30,18 @@ def test_batched_generation_equals_one_by_one(tiny_tokenizer):
     # Greedy decoding is deterministic.
     assert generate(model, tiny_tokenizer, prompts, max_new_tokens=8) == batched
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_pad_beyond_model_vocabulary_falls_back_to_eos(tiny_tokenizer):
+    # An instruct tokenizer with an added pad row, used on the base model without that row.
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    rows = len(tokenizer)
+    tokenizer.add_special_tokens({"pad_token": "<added_pad>"})
+    assert tokenizer.pad_token_id == rows
+    model = tiny_llama(rows, seed=2)
+    prompts = [render_chat(tokenizer, t) for t in ["a", "the quick brown fox"]]
+    ids, mask, _ = encode_left_padded(tokenizer, prompts, model=model)
+    assert int(ids.max()) < rows
+    assert ids[0, 0] == tokenizer.eos_token_id and mask[0, 0] == 0
+    out = generate(model, tokenizer, prompts, max_new_tokens=4)
+    assert out == [generate(model, tokenizer, [p], max_new_tokens=4)[0] for p in prompts]
