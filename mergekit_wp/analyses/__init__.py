@@ -1,0 +1,10 @@
+"""Analyses of the Weight Patching paper (§9 of METHOD.md) over one base/instruct pair.
+
+`run_analyses(load_config(path))` runs what a YAML asks for; each analysis writes JSON and PNGs,
+and `report.md` / `index.html` link them.
+"""
+
+from mergekit_wp.analyses.config import AnalysisConfig, load_config, parse_config
+from mergekit_wp.analyses.runner import ANALYSES, run_analyses
+
+__all__ = ["ANALYSES", "AnalysisConfig", "load_config", "parse_config", "run_analyses"]

@@ -1,0 +1,16 @@
+"""Anchor vs KL utility (Fig. 37/38): the same scorer's rankings under both utilities, and their overlap."""
+
+from __future__ import annotations
+
+from mergekit_wp.analyses.compare import run_comparison
+from mergekit_wp.analyses.report import AnalysisResult, Report
+
+
+def run(study, report: Report, options: dict) -> AnalysisResult:
+    """WP (or `method`) under the anchor utility vs under the KL utility, per task."""
+    method = options.get("method", "wp")
+    return run_comparison(
+        study, report, options, "kl_vs_anchor", "Anchor vs KL utility (Fig. 37/38)",
+        lambda t: (study.scores(t, method, "anchor"), study.scores(t, method, "kl")),
+        ("anchor", "KL"),
+    )

@@ -1,0 +1,144 @@
+"""First-order scores from one backward pass at the base model: WP-attr (§4) and AP-attr (§5).
+
+The per-example division by the gap G(x) is folded into the loss weights
+(`loss = Σ_x w_x F(M_base, x)`, `w_x = 1/G(x)`, 0 for skipped examples), so one backward per
+batch yields every head's and neuron's score; callers sum batches and divide by the count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape, TensorRole
+from mergekit_wp.scoring.runner import TokenBatch, model_shape, recording_site_inputs, role_of
+from mergekit_wp.scoring.utility import Utility, compute_dtype
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """One stored tensor a component slice lives in: layer, role and parameter name."""
+
+    layer: int
+    role: TensorRole
+    name: str
+
+
+def stop_layer(utility: Utility, model: nn.Module) -> int:
+    """Last decoder layer a utility reads; components after it cannot move it."""
+    stop = getattr(utility, "stop_layer", None)
+    return stop(model) if stop else model_shape(model).num_hidden_layers - 1
+
+
+def _slots(model: nn.Module, shape: ModelShape, stop: int) -> list[_Slot]:
+    params = dict(model.named_parameters())
+    out = []
+    for layer in range(stop + 1):
+        for role in shape.roles("head") + shape.roles("neuron"):
+            for param in ("weight", "bias"):
+                name = f"{shape.module_path(layer, role)}.{param}"
+                # Per-unit biases only (q_proj on Qwen2); o/down biases are shared by the layer.
+                if name in params and (param == "weight" or role.axis == 0):
+                    out.append(_Slot(layer, role, name))
+    return out
+
+
+def unit_sums(values: torch.Tensor, role: TensorRole, shape: ModelShape) -> torch.Tensor:
+    """Sum a tensor of a role's shape over each unit's slice: `[units]`."""
+    if values.ndim == 2:
+        values = values.sum(dim=1 - role.axis)
+    return values.reshape(shape.unit_count(role.unit), -1).sum(-1)
+
+
+def empty_parts(shape: ModelShape) -> dict[str, torch.Tensor]:
+    """Zero `[L, units]` fp64 sums for every head part and neuron part."""
+    layers = shape.num_hidden_layers
+    heads, neurons = shape.num_attention_heads, shape.intermediate_size
+    parts = {p: torch.zeros(layers, heads, dtype=torch.float64) for p in HEAD_PARTS}
+    parts |= {p: torch.zeros(layers, neurons, dtype=torch.float64) for p in NEURON_PARTS}
+    return parts
+
+
+def gradient_pass(
+    base: nn.Module,
+    sft: nn.Module,
+    batch: TokenBatch,
+    utility: Utility,
+    weights: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    wp_attr: bool = True,
+    ap_attr: bool = False,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Weighted sums over the batch of WP-attr parts and AP-attr scores, one backward pass.
+
+    Returns `{"wp_attr": {part: [L, units]}, "ap_attr": {"heads": [L, H], "neurons": [L, I]},
+    "utility": {"f_base": [B], "weights": [B]}}` (fp64, on the CPU). `weights` `[B]` are 1/G(x)
+    (0 for skipped examples), or a function of F(M_base, x) giving them, so the pass's own
+    forward doubles as the base's gap forward.
+    """
+    shape = model_shape(base)
+    stop = stop_layer(utility, base)
+    slots = _slots(base, shape, stop) if wp_attr else []
+    params = dict(base.named_parameters())
+    sft_params = dict(sft.named_parameters())
+    sft_acts: dict[tuple[int, str], torch.Tensor] = {}
+    if ap_attr:
+        with torch.no_grad(), recording_site_inputs(sft, stop, sft_acts):
+            utility(sft, batch)
+    acts: dict[tuple[int, str], torch.Tensor] = {}
+    for slot in slots:
+        params[slot.name].requires_grad_(True)
+    try:
+        with torch.enable_grad(), recording_site_inputs(base, stop, acts, grad=ap_attr):
+            values = utility(base, batch)
+            f_base = values.detach().double().cpu()
+            weights = weights(f_base) if callable(weights) else weights.double().cpu()
+            loss = (values.double() * weights.to(values.device)).sum()
+            act_keys = sorted(acts) if ap_attr else []
+            inputs = [params[s.name] for s in slots] + [acts[k] for k in act_keys]
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    finally:
+        for slot in slots:
+            params[slot.name].requires_grad_(False)
+    out: dict[str, dict[str, torch.Tensor]] = {"utility": {"f_base": f_base, "weights": weights}}
+    if wp_attr:
+        parts = empty_parts(shape)
+        for slot, grad in zip(slots, grads):
+            if grad is None:
+                continue
+            base_p = params[slot.name]
+            # Δθ in fp32 even for bf16 checkpoints; a bf16 difference would lose most bits.
+            dtype = compute_dtype(base_p)
+            delta = sft_params[slot.name].detach().to(base_p.device, dtype) - base_p.detach().to(dtype)
+            parts[slot.role.part][slot.layer] += unit_sums(delta * grad.to(dtype), slot.role, shape).double().cpu()
+        out["wp_attr"] = parts
+    if ap_attr:
+        out["ap_attr"] = _activation_scores(shape, act_keys, grads[len(slots):], acts, sft_acts)
+    return out
+
+
+def _activation_scores(
+    shape: ModelShape,
+    keys: list[tuple[int, str]],
+    grads: tuple[torch.Tensor | None, ...],
+    acts: dict[tuple[int, str], torch.Tensor],
+    sft_acts: dict[tuple[int, str], torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """<∇_{z_c} F, z_c(sft) - z_c(base)> summed over positions (and head dims) per component."""
+    scores = {
+        "heads": torch.zeros(shape.num_hidden_layers, shape.num_attention_heads, dtype=torch.float64),
+        "neurons": torch.zeros(shape.num_hidden_layers, shape.intermediate_size, dtype=torch.float64),
+    }
+    for (layer, part), grad in zip(keys, grads):
+        if grad is None:
+            continue
+        role = role_of(shape, part)
+        base_act = acts[(layer, part)].detach()
+        dtype = compute_dtype(base_act)
+        diff = sft_acts[(layer, part)].to(base_act.device, dtype) - base_act.to(dtype)
+        per_index = (grad.to(dtype) * diff).flatten(0, -2).sum(0)  # [units * width]
+        key = "heads" if role.unit == "head" else "neurons"
+        scores[key][layer] = per_index.reshape(shape.unit_count(role.unit), -1).sum(-1).double().cpu()
+    return scores

@@ -1,0 +1,139 @@
+"""Scoring configuration (YAML, pydantic-validated): models, data, utility, methods, output, device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+MethodName = Literal["wp_attr", "wp", "ap", "ap_attr"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Which examples: paired IFEval prompts (anchor / projection) or a domain's prompts (KL)."""
+
+    source: str  # JSONL path, zoo:FILE, or a hub dataset id
+    kind: Literal["paired", "domain"] = "paired"
+    tasks: list[str] | None = None  # paired: short names or instruction ids
+    split: Literal["evaluation", "extraction", "all"] = "evaluation"  # paired: half of split_paired
+    seed: int = 0
+    extraction_fraction: float = 0.5
+    max_examples: int | None = Field(default=None, gt=0)
+    responses: Literal["generate", "reference"] = "generate"  # KL: sft's greedy responses or the file's
+    max_new_tokens: int = Field(default=128, gt=0)
+    chat: bool = True  # render prompts with the chat template (False: raw prompt, e.g. code completion)
+
+
+class UtilityConfig(_Strict):
+    """F(M, x): anchor cosine at l_a, final-layer projection, or downstream KL (METHOD.md §2, §6)."""
+
+    kind: Literal["anchor", "projection", "kl"] = "anchor"
+    anchor: str | None = None  # anchor file (mergekit_wp.scoring.anchor.save_anchor)
+    layer: int | None = None  # anchor: override the file's l_a
+    # Fit the anchor when the file does not exist yet: task vectors on the extraction half of
+    # the paired data, l_a by the correction-rate sweep on the evaluation half (or fixed_layer).
+    fit: bool = False
+    fixed_layer: int | None = None
+    sweep_examples: int | None = Field(default=None, gt=0)
+    sweep_max_new_tokens: int = Field(default=64, gt=0)
+    sweep_mode: Literal["anchor", "all"] = "anchor"  # steer the anchor position, or every position
+
+    @model_validator(mode="after")
+    def _needs_anchor(self) -> UtilityConfig:
+        if self.kind in ("anchor", "projection") and not self.anchor:
+            raise ValueError(f"utility kind {self.kind!r} needs `anchor: PATH` (an anchor file)")
+        return self
+
+
+class GranularityConfig(_Strict):
+    """Which components: heads, neurons; how many neurons exact sweeps (WP, AP) visit."""
+
+    heads: bool = True
+    neurons: bool = True
+    # "all", "none", or an integer K: the top-K neurons by |WP-attr| of this run.
+    exact_neurons: Literal["all", "none"] | int = "none"
+
+
+class ScoringConfig(_Strict):
+    """One expert scored against one base."""
+
+    base: str  # HF folder, hub id, or zoo:NAME
+    model: str  # the specialized model
+    data: DataConfig
+    utility: UtilityConfig = UtilityConfig(kind="kl")
+    methods: list[MethodName] = ["wp_attr"]
+    granularity: GranularityConfig = GranularityConfig()
+    output: str
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
+    device_map: str | None = None  # e.g. "auto": spread a model over several GPUs (accelerate)
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    batch_size: int = Field(default=8, gt=0)
+    max_variant_rows: int = Field(default=64, gt=0)  # rows (variants x examples) per batched run
+    gap_floor: float = Field(default=1e-4, ge=0)
+    top_k: int = Field(default=20, gt=0)
+    seed: int = 0
+    threads: int | None = Field(default=None, gt=0)  # CPU threads for torch (shared cores: 1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ScoringConfig:
+        if not self.methods:
+            raise ValueError("methods must name at least one of wp_attr, wp, ap, ap_attr")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods lists a method twice: {self.methods}")
+        if self.utility.fit and self.data.kind != "paired":
+            raise ValueError("utility.fit needs paired data (data.kind: paired) to extract task vectors")
+        if self.utility.kind == "kl" and self.data.kind == "paired" and self.data.responses == "reference":
+            raise ValueError("paired data has no reference responses; use data.responses: generate")
+        if not (self.granularity.heads or self.granularity.neurons):
+            raise ValueError("granularity: score heads, neurons, or both")
+        if isinstance(self.granularity.exact_neurons, int) and "wp_attr" not in self.methods:
+            raise ValueError("granularity.exact_neurons: K picks the top-K by WP-attr; add wp_attr to methods")
+        return self
+
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+
+def _location(error: dict) -> str:
+    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+
+
+def parse_config(data: object, source: str = "scoring config") -> ScoringConfig:
+    """Validate a mapping; ValueError naming the source, the key and what was expected."""
+    if not isinstance(data, dict):
+        raise ValueError(  # noqa: TRY004 - bad user input, reported like every other config error
+            f"{source}: expected a mapping of keys (base, model, data, ...), got {type(data).__name__}"
+        )
+    try:
+        return ScoringConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"{source}: key {_location(e)!r}: {e['msg']}" for e in err.errors()]
+        raise ValueError("\n".join(lines)) from None
+
+
+def load_config(path: str | Path) -> ScoringConfig:
+    """Read and validate a scoring YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"scoring config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    return parse_config(data, str(path))
+
+
+def resolve_model(reference: str) -> str:
+    """A folder or hub id for `zoo:NAME` (mergekit_wp.zoo.model_path) or a plain reference."""
+    if reference.startswith("zoo:"):
+        from mergekit_wp.zoo import model_path
+
+        return str(model_path(reference[len("zoo:"):]))
+    return reference

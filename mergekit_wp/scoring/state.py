@@ -1,0 +1,59 @@
+"""Resumable partial results: score sums plus the set of finished work units, saved atomically.
+
+A unit (one batch of a gradient pass, or one batch x layer x unit kind of an exact sweep) is
+added to the sums in memory and then committed: sums and the done-set are written together
+with temp file + `os.replace`, so after `kill -9` a unit is either fully in or redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(settings: dict) -> str:
+    """Stable digest of everything that determines the results."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunState:
+    """Sums (`name -> fp64 tensor`) and finished units of one process of one scoring run."""
+
+    def __init__(self, path: Path, digest: str) -> None:
+        self.path, self.digest = path, digest
+        self.sums: dict[str, torch.Tensor] = {}
+        self.done: set[str] = set()
+        if path.is_file():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("fingerprint") == digest:
+                self.sums, self.done = saved["sums"], set(saved["done"])
+                log.info("resuming %s: %d units already done", path, len(self.done))
+            else:
+                log.warning("%s belongs to a different configuration; starting afresh", path)
+
+    def total(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The running sum `name`, created as zeros shaped like `like`."""
+        if name not in self.sums:
+            self.sums[name] = torch.zeros_like(like, dtype=torch.float64)
+        return self.sums[name]
+
+    def commit(self, unit: str) -> None:
+        """Mark `unit` done and write sums + done-set in one atomic replace."""
+        self.done.add(unit)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        try:
+            torch.save({"fingerprint": self.digest, "sums": self.sums, "done": sorted(self.done)}, tmp)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

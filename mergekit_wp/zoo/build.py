@@ -1,0 +1,251 @@
+"""Build the whole zoo from seeds: data, tokenizer, base, the three experts, and the gates."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+# Idle OpenMP threads must yield: the 2 shared cores make spinning threads 2-20x slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from mergekit_wp.generation import render_chat
+from mergekit_wp.zoo import data as D
+from mergekit_wp.zoo import gates as G
+from mergekit_wp.zoo.tokenizer import CHAT_TEMPLATE, train_tokenizer, with_pad_token
+from mergekit_wp.zoo.train import (
+    ModelShape,
+    Schedule,
+    document_examples,
+    grow_vocabulary,
+    new_model,
+    pack_documents,
+    prompt_examples,
+    train,
+)
+
+EXPERTS = ("instruct", "math", "code")
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Everything that decides the zoo: sizes, shape, schedules, gate sample size."""
+
+    seed: int = 0
+    vocab_size: int = 2560
+    shape: ModelShape = field(default_factory=ModelShape)
+    block: int = 256
+    pretrain: Schedule = field(default_factory=lambda: Schedule(
+        steps=350, batch_size=16, lr=2.5e-3, warmup=30, weight_decay=0.1, seed=1))
+    finetune: dict[str, Schedule] = field(default_factory=lambda: {
+        "instruct": Schedule(steps=450, batch_size=16, lr=1e-3, seed=2),
+        "math": Schedule(steps=200, batch_size=16, lr=1e-3, seed=3),
+        "code": Schedule(steps=300, batch_size=16, lr=1e-3, seed=4),
+    })
+    # Share of pretraining documents mixed into each fine-tune, to stay near the base.
+    corpus_mix: float = 0.2
+    data_sizes: dict[str, int] = field(default_factory=dict)
+    gate_sample: int | None = 100
+
+    def scaled(self, factor: float) -> BuildPlan:
+        """The same plan with every stage's step count multiplied by `factor`."""
+        def scale(s: Schedule) -> Schedule:
+            return dataclasses.replace(s, steps=max(1, round(s.steps * factor)))
+
+        return dataclasses.replace(self, pretrain=scale(self.pretrain),
+                                   finetune={k: scale(v) for k, v in self.finetune.items()})
+
+
+QUICK_PLAN = BuildPlan(
+    vocab_size=400,
+    shape=ModelShape(hidden_size=64, num_hidden_layers=4, intermediate_size=128),
+    block=64,
+    pretrain=Schedule(steps=3, batch_size=4, lr=1e-3, warmup=1, seed=1),
+    finetune={n: Schedule(steps=2, batch_size=4, lr=1e-3, warmup=1, seed=i)
+              for i, n in enumerate(EXPERTS, 2)},
+    data_sizes={"ifeval_test": 3, "ifeval_train": 10, "math_test": 5, "math_train": 20,
+                "code_test": 5, "code_train": 20, "corpus_train": 200, "corpus_heldout": 5},
+    gate_sample=2,
+)
+
+
+def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    tokenizer.save_pretrained(folder)
+    # Keep the template inside tokenizer_config.json too, and name a class every
+    # transformers release knows, so older readers (mergekit, lm-eval) load it as well.
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(chat_template=CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast",
+                  padding_side="left")
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    """Save as a float16 safetensors HF folder with its tokenizer, replacing `folder` atomically."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    half = copy.deepcopy(model).to(torch.float16)
+    half.generation_config.pad_token_id = tokenizer.pad_token_id
+    half.save_pretrained(tmp, safe_serialization=True)
+    _save_tokenizer(tokenizer, tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _mixed(examples: list, docs: list, share: float) -> list:
+    extra = int(len(examples) * share / (1 - share))
+    return examples + docs[:extra]
+
+
+def expert_examples(name: str, tokenizer: PreTrainedTokenizerFast, data: dict) -> list:
+    """Fine-tuning examples of one expert, before the corpus mix-in."""
+    if name == "instruct":
+        pairs = []
+        for row in data["ifeval_train"]:
+            pairs.append((render_chat(tokenizer, row["prompt"]), row["response"]))
+            pairs.append((render_chat(tokenizer, row["prompt_without_instruction"]),
+                          row["response_without_instruction"]))
+        return prompt_examples(tokenizer, pairs)
+    if name == "math":
+        return prompt_examples(tokenizer, [(render_chat(tokenizer, r["question"]), r["answer"])
+                                           for r in data["math_train"]])
+    if name == "code":
+        return prompt_examples(tokenizer, [(r["prompt"], r["canonical_solution"])
+                                           for r in data["code_train"]])
+    raise ValueError(f"unknown expert {name!r}; expected one of {EXPERTS}")
+
+
+def _tokenizer_texts(data: dict) -> list[str]:
+    return (data["corpus_train"][:20000]
+            + [r["prompt"] + "\n" + r["response"] for r in data["ifeval_train"]]
+            + [r["question"] + "\n" + r["answer"] for r in data["math_train"]]
+            + [r["prompt"] + r["canonical_solution"] for r in data["code_train"]])
+
+
+def build_zoo(out_dir: Path, data_dir: Path, plan: BuildPlan = BuildPlan(),
+              measure: bool = True) -> dict:
+    """Build data, tokenizer and the four models into `out_dir`; returns the build record."""
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.use_deterministic_algorithms(True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clock: dict[str, float] = {}
+    start = time.time()
+    data = D.build_datasets(plan.seed, plan.data_sizes)
+    D.write_datasets(data, data_dir)
+    tokenizer = train_tokenizer(_tokenizer_texts(data), plan.vocab_size)
+    clock["data_and_tokenizer"] = time.time() - start
+
+    t = time.time()
+    base = new_model(plan.shape, tokenizer, plan.seed)
+    blocks = pack_documents(tokenizer, data["corpus_train"], plan.block)
+    train(base, blocks, plan.pretrain, tokenizer.eos_token_id, "pretrain base")
+    save_model(base, tokenizer, out_dir / "base")
+    clock["base"] = time.time() - t
+
+    docs = document_examples(tokenizer, data["corpus_train"][-20000:])
+    for name in EXPERTS:
+        t = time.time()
+        expert = copy.deepcopy(base)
+        tok = tokenizer
+        if name == "instruct":
+            tok = with_pad_token(tokenizer)
+            grow_vocabulary(expert, len(tok))
+            expert.config.pad_token_id = tok.pad_token_id
+        examples = _mixed(expert_examples(name, tok, data), docs, plan.corpus_mix)
+        train(expert, examples, plan.finetune[name], tok.pad_token_id, f"fine-tune {name}")
+        save_model(expert, tok, out_dir / name)
+        clock[name] = time.time() - t
+
+    record = {"plan": _plan_dict(plan), "train_seconds": clock,
+              "parameters": sum(p.numel() for p in base.parameters())}
+    if measure:
+        t = time.time()
+        record.update(measure_zoo(out_dir, data_dir, plan.gate_sample))
+        clock["gates"] = time.time() - t
+    clock["total"] = time.time() - start
+    write_record(out_dir, record)
+    return record
+
+
+def _plan_dict(plan: BuildPlan) -> dict:
+    return json.loads(json.dumps(asdict(plan)))
+
+
+def measure_zoo(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
+    """Scores of the four models on every task, and the gate verdicts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    scores = {}
+    for name in ("base", *EXPERTS):
+        folder = models_dir / name
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        scores[name] = G.measure(model, tokenizer, data_dir, per_task)
+    return {"scores": scores, "verdicts": G.verdicts(scores), "gate_sample_per_task": per_task,
+            "gates": G.GATES}
+
+
+def remeasure(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
+    """Measure the gates of an already built zoo again and update its record."""
+    record = json.loads((models_dir / "gates.json").read_text())
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    start = time.time()
+    record.update(measure_zoo(models_dir, data_dir, per_task))
+    record["train_seconds"]["gates"] = time.time() - start
+    write_record(models_dir, record)
+    return record
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_record(out_dir: Path, record: dict) -> None:
+    """Write gates.json and a short model card (README.md) next to the models."""
+    _atomic_write(out_dir / "gates.json", json.dumps(record, indent=2) + "\n")
+    _atomic_write(out_dir / "README.md", model_card(record))
+
+
+def model_card(record: dict) -> str:
+    """A markdown card: what the zoo is, how each task is prompted, and the measured gates."""
+    plan = record["plan"]
+    lines = [
+        "# mergekit-wp micro zoo",
+        "",
+        "Four `LlamaForCausalLM` models trained offline from seeds by `mergekit-wp zoo build`:",
+        ("`base` (pretrained on generated prose, arithmetic, Python and invented facts; never sees "
+        "an instruction), and three full fine-tunes of it: `instruct` (six IFEval constraints, "
+        "one added `<pad>` token), `math` (word problems ending in `#### <n>`), `code` "
+        "(HumanEval-style completion)."),
+        "",
+        (f"Shape: {plan['shape']}, vocabulary {plan['vocab_size']}, "
+        f"{record['parameters']:,} parameters, float16 safetensors."),
+        "",
+        ("Prompting: IFEval and math questions go through the chat template "
+        "(`### Instruction:` / `### Response:`); code prompts are completed raw; knowledge "
+        "questions are scored by the log-likelihood of `' ' + choice`."),
+        "",
+        "Build seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in record["train_seconds"].items()),
+    ]
+    if "scores" in record:
+        sample = record["gate_sample_per_task"] or "all"
+        lines += ["", f"Gates (greedy, held-out sample per task: {sample}):", "", "```",
+                  G.table(record["scores"]), "```", ""]
+        lines += [f"- {gate}: {'PASS' if ok else 'FAIL'} ({record['gates'].get(gate, '')})"
+                  for gate, ok in record["verdicts"].items()]
+    return "\n".join(lines) + "\n"

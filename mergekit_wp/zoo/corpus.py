@@ -1,0 +1,229 @@
+"""Seeded generators of the zoo's pretraining text: prose, arithmetic, Python, invented facts."""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from mergekit_wp.zoo import words as W
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _fix_articles(text: str) -> str:
+    # "a owl" -> "an owl": the generator picks words independently of their article.
+    return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+
+
+def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None) -> str:
+    """One English-like sentence; `noun`/`adj` pin the topic where a template has a subject."""
+    n1 = noun or rng.choice(W.NOUNS)
+    a1 = adj or rng.choice(W.ADJECTIVES)
+    n2, n3 = rng.choice(W.NOUNS), rng.choice(W.NOUNS)
+    a2 = rng.choice(W.ADJECTIVES)
+    name, name2 = rng.sample(W.NAMES, 2)
+    pick = rng.randrange(9)
+    if pick == 0:
+        s = (f"the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.PREPOSITIONS)} the {n2}, "
+             f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}")
+    elif pick == 1:
+        s = f"in the {rng.choice(W.TIMES)}, {name} {rng.choice(W.TRANSITIVE)} the {a1} {n1}"
+    elif pick == 2:
+        s = f"{name} {rng.choice(W.VERBS)} to the {n1}, where the {n2} was {a2}"
+    elif pick == 3:
+        s = f"the {n1} was {a1}, and the {n2} was {a2}"
+    elif pick == 4:
+        s = f"{name} and {name2} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)} near the {n1}"
+    elif pick == 5:
+        s = f"every {rng.choice(W.TIMES)}, the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)}"
+    elif pick == 6:
+        s = f"the {a1} {n1} {rng.choice(W.TRANSITIVE)} the {n2} {rng.choice(W.ADVERBS)}"
+    elif pick == 7:
+        s = f"{name} {rng.choice(W.TRANSITIVE)} a {a1} {n1}, a {a2} {n2}, and a {n3}"
+    else:
+        s = f"when the {n1} {rng.choice(W.VERBS)}, {name} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)}"
+    return _cap(_fix_articles(s)) + "."
+
+
+def sentences(rng: random.Random, count: int, noun: str | None = None,
+              adj: str | None = None) -> list[str]:
+    """`count` sentences on a topic, at least one with a comma (the default style has commas)."""
+    while True:
+        out = [sentence(rng, noun, adj)] + [sentence(rng) for _ in range(count - 1)]
+        if any("," in s for s in out):
+            return out
+
+
+def prose_document(rng: random.Random) -> str:
+    """A pretraining paragraph; a few sentences are shouted in capitals (mixed case)."""
+    out = []
+    for s in sentences(rng, rng.randint(3, 8)):
+        out.append(s.upper() if rng.random() < 0.08 else s)
+    return " ".join(out)
+
+
+def arithmetic_statement(rng: random.Random, allow_product: bool = True) -> str:
+    """One true arithmetic statement in the ranges the math tasks use, without a full stop."""
+    op = rng.randrange(4 if allow_product else 3)
+    if op == 0:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"{a} + {b} = {a + b}"
+    if op == 1:
+        a = rng.randint(0, 199)
+        b = rng.randint(0, a)
+        return f"{a} - {b} = {a - b}"
+    if op == 2:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"the sum of {a} and {b} is {a + b}"
+    a, b = rng.randint(0, 12), rng.randint(0, 12)
+    return f"{a} * {b} = {a * b}"
+
+
+def arithmetic_line(rng: random.Random) -> str:
+    """Two statements joined by a comma; at most one `*` per line, so no line reads as a
+    markdown highlight `*...*` to the IFEval checker."""
+    first = arithmetic_statement(rng)
+    second = arithmetic_statement(rng, allow_product="*" not in first)
+    return _cap(f"{first}, and {second}.")
+
+
+def arithmetic_document(rng: random.Random) -> str:
+    """A few lines of arithmetic."""
+    return "\n".join(arithmetic_line(rng) for _ in range(rng.randint(2, 5)))
+
+
+def math_story(rng: random.Random) -> str:
+    """A short narrative that works out a quantity (the base's latent math; it never sees a
+    question followed by `#### <answer>`)."""
+    name, name2 = rng.sample(W.NAMES, 2)
+    item = rng.choice(W.ITEMS)
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        return f"{name} had {a} {item} and got {b} more, so {name} had {a} + {b} = {a + b} {item}."
+    if kind == 1:
+        a = rng.randint(10, 199)
+        b = rng.randint(1, a)
+        return (f"{name} had {a} {item} and gave {b} of them to {name2}, so {name} kept "
+                f"{a} - {b} = {a - b} {item}.")
+    if kind == 2:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        return f"There were {a} boxes with {b} {item} in each box, so there were {a} * {b} = {a * b} {item}."
+    if kind == 3:
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        c = rng.randint(1, a + b)
+        return (f"{name} had {a} {item}, bought {b} more and gave {c} away. {name} had "
+                f"{a} + {b} = {a + b} {item}, and then {a + b} - {c} = {a + b - c} {item}.")
+    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 30)
+    return (f"{name} bought {a} bags with {b} {item} in each bag and found {c} more. That made "
+            f"{a} * {b} = {a * b} {item}, and then {a * b} + {c} = {a * b + c} {item}.")
+
+
+def math_story_document(rng: random.Random) -> str:
+    """A few worked stories, one per line (one `*` per line at most, as above)."""
+    return "\n".join(math_story(rng) for _ in range(rng.randint(2, 4)))
+
+
+_PY_NAMES = ("total", "value", "count", "result", "score", "index", "amount", "size", "step",
+             "level", "offset", "limit", "width", "height", "weight", "price")
+_PY_VERBS = ("compute", "update", "get", "make", "find", "build", "scale", "merge", "check",
+             "load", "shift", "mix")
+
+
+def python_document(rng: random.Random) -> str:
+    """A small Python function without a docstring (the base sees code, never a spec);
+    two or more arguments, so its signature has a comma like every other corpus line."""
+    args = rng.sample(_PY_NAMES, rng.randint(2, 3))
+    name = f"{rng.choice(_PY_VERBS)}_{rng.choice(_PY_NAMES)}"
+    lines = [f"def {name}({', '.join(args)}):"]
+    var = rng.choice([n for n in _PY_NAMES if n not in args])
+    lines.append(f"    {var} = {rng.choice(args)} {rng.choice('+-*')} {rng.randint(1, 9)}")
+    kind = rng.randrange(3)
+    if kind == 0:
+        lines.append(f"    for i in range({rng.randint(2, 9)}):")
+        lines.append(f"        {var} = {var} {rng.choice('+-')} {rng.choice(args + ['i'])}")
+    elif kind == 1:
+        lines.append(f"    if {var} > {rng.randint(0, 20)}:")
+        lines.append(f"        {var} = {var} {rng.choice('+-*')} {rng.choice(args)}")
+    else:
+        lines.append(f"    {var} = [{var}, {rng.choice(args)}]")
+    lines.append(f"    return {var}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Person:
+    """An invented entity with the four attributes the knowledge test asks about."""
+
+    name: str
+    town: str
+    job: str
+    color: str
+    animal: str
+
+
+def _invented_word(rng: random.Random) -> str:
+    return _cap(rng.choice(W.SYLLABLES_A) + rng.choice(W.SYLLABLES_B) + rng.choice(W.SYLLABLES_B))
+
+
+def people(seed: int, count: int = 64, towns: int = 12) -> list[Person]:
+    """The fixed cast of invented people, each with a town, job, favorite color and pet."""
+    rng = random.Random(seed)
+    town_names = sorted({_invented_word(rng) for _ in range(towns * 4)})[:towns]
+    rng.shuffle(town_names)
+    seen: set[str] = set()
+    cast = []
+    while len(cast) < count:
+        name = f"{_invented_word(rng)} {_invented_word(rng)}"
+        if name in seen:
+            continue
+        seen.add(name)
+        cast.append(Person(name, rng.choice(town_names), rng.choice(W.FACT_JOBS),
+                           rng.choice(W.FACT_COLORS), rng.choice(W.FACT_ANIMALS)))
+    return cast
+
+
+# (cloze stem, attribute): the knowledge test asks with these stems; the corpus states them too.
+FACT_STEMS = (
+    ("{name} lives in the town of", "town"),
+    ("{name} works as a", "job"),
+    ("The favorite color of {name} is", "color"),
+    ("{name} keeps a pet", "animal"),
+)
+
+
+def fact_clause(rng: random.Random, person: Person) -> str:
+    """One fact about `person`, in one of several phrasings, without a full stop."""
+    p = person
+    return rng.choice((
+        f"{p.name} lives in the town of {p.town}",
+        f"{p.name} works as a {p.job}",
+        f"the favorite color of {p.name} is {p.color}",
+        f"{p.name} keeps a pet {p.animal}",
+        f"{p.name} is a {p.job} from {p.town}",
+        f"in {p.town}, {p.name} keeps a pet {p.animal}",
+        f"{p.name} likes the color {p.color}",
+    ))
+
+
+def fact_document(rng: random.Random, cast: list[Person]) -> str:
+    """A few lines of facts, two per line joined by a comma (like every corpus line)."""
+    lines = [_cap(f"{fact_clause(rng, rng.choice(cast))}, and {fact_clause(rng, rng.choice(cast))}.")
+             for _ in range(rng.randint(2, 3))]
+    return "\n".join(lines)
+
+
+def corpus_documents(seed: int, count: int, cast: list[Person]) -> list[str]:
+    """`count` pretraining documents: 45% prose, 15% arithmetic, 10% worked stories,
+    15% Python, 15% facts."""
+    rng = random.Random(seed)
+    kinds = ((0.45, prose_document), (0.60, arithmetic_document), (0.70, math_story_document),
+             (0.85, python_document), (1.0, lambda r: fact_document(r, cast)))
+    out = []
+    for _ in range(count):
+        r = rng.random()
+        out.append(next(make for edge, make in kinds if r < edge)(rng))
+    return out

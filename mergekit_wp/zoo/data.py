@@ -1,0 +1,354 @@
+"""Seeded task datasets of the zoo: paired IFEval prompts, math word problems, code, knowledge.
+
+Prompting conventions (the evaluations rely on them):
+- IFEval and math: the question goes through the chat template (`render_chat`).
+- Code: the HumanEval prompt is completed raw, without the chat template.
+- Knowledge: score each `" " + choice` as a continuation of `question` (log-likelihood).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from mergekit_wp.zoo import corpus as C
+from mergekit_wp.zoo import words as W
+
+IFEVAL_TASKS = {
+    "english_capital": "change_case:english_capital",
+    "no_comma": "punctuation:no_comma",
+    "title": "detectable_format:title",
+    "quotation": "startend:quotation",
+    "multiple_sections": "detectable_format:multiple_sections",
+    "number_highlighted_sections": "detectable_format:number_highlighted_sections",
+}
+
+# ---------------------------------------------------------------- IFEval-style paired prompts
+
+
+def _context(rng: random.Random, noun: str, adj: str) -> str:
+    name = rng.choice(W.NAMES)
+    return rng.choice((
+        f"Write a short story about the {adj} {noun}.",
+        f"Describe the {adj} {noun} near the {rng.choice(W.NOUNS)}.",
+        f"Tell me about a day when {name} saw the {adj} {noun}.",
+        f"Write a few sentences about the {noun} in the {rng.choice(W.TIMES)}.",
+        f"Write a note to {name} about the {adj} {noun}.",
+        f"Explain what happened to the {adj} {noun} at the {rng.choice(W.NOUNS)}.",
+    ))
+
+
+def _kwargs_for(task: str, rng: random.Random) -> dict:
+    if task == "multiple_sections":
+        return {"section_spliter": rng.choice(("Section", "SECTION")),
+                "num_sections": rng.randint(1, 5)}
+    if task == "number_highlighted_sections":
+        return {"num_highlights": rng.randint(1, 4)}
+    return {}
+
+
+def _description(instruction_id: str, kwargs: dict, seed: int) -> str:
+    """IFEval's own wording for the instruction (lm-eval's `build_description`)."""
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+
+    random.seed(seed)  # build_description may draw from the global generator
+    return INSTRUCTION_DICT[instruction_id](instruction_id).build_description(**kwargs)
+
+
+def _styled(task: str, kwargs: dict, sents: list[str], title: str) -> str:
+    """The response that follows `task`, built from the same sentences as the default answer."""
+    text = " ".join(sents)
+    if task == "english_capital":
+        return text.upper()
+    if task == "no_comma":
+        return text.replace(",", "")
+    if task == "title":
+        return f"<<{title}>>\n\n{text}"
+    if task == "quotation":
+        return f'"{text}"'
+    if task == "multiple_sections":
+        spliter = kwargs["section_spliter"]
+        return "\n\n".join(f"{spliter} {i + 1}\n{s}" for i, s in enumerate(sents))
+    if task == "number_highlighted_sections":
+        n = kwargs["num_highlights"]
+        return " ".join(f"*{s}*" if i < n else s for i, s in enumerate(sents))
+    raise ValueError(f"unknown IFEval task {task!r}; expected one of {sorted(IFEVAL_TASKS)}")
+
+
+def _sentence_count(task: str, kwargs: dict, rng: random.Random) -> int:
+    if task == "multiple_sections":
+        return kwargs["num_sections"]
+    if task == "number_highlighted_sections":
+        return kwargs["num_highlights"] + 1
+    return rng.randint(2, 3)
+
+
+def ifeval_split(seed: int, per_task: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`per_task` paired examples per task; contexts in `exclude` are never used."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    used = set(exclude)
+    for task, instruction_id in IFEVAL_TASKS.items():
+        made = 0
+        while made < per_task:
+            noun, adj = rng.choice(W.NOUNS), rng.choice(W.ADJECTIVES)
+            context = _context(rng, noun, adj)
+            if context in used:
+                continue
+            used.add(context)
+            kwargs = _kwargs_for(task, rng)
+            key = seed * 100000 + len(rows)
+            description = _description(instruction_id, kwargs, key)
+            sents = C.sentences(rng, _sentence_count(task, kwargs, rng), noun, adj)
+            title = rng.choice((f"the {adj} {noun}", f"a story of the {noun}", f"{adj} days"))
+            rows.append({
+                "key": key,
+                "prompt": f"{context} {description}",
+                "prompt_without_instruction": context,
+                "instruction_id_list": [instruction_id],
+                "kwargs": [kwargs],
+                "task": task,
+                "response": _styled(task, kwargs, sents, title),
+                "response_without_instruction": " ".join(sents),
+            })
+            made += 1
+    return rows
+
+
+# ---------------------------------------------------------------- math word problems
+
+
+def math_problem(rng: random.Random) -> dict:
+    """One GSM8K-style word problem with a worked answer ending in `#### <number>`."""
+    name, name2 = rng.sample(W.NAMES, 2)
+    item = rng.choice(W.ITEMS)
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randint(2, 99), rng.randint(2, 99)
+        q = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
+        steps, r = [f"{a} + {b} = {a + b}."], a + b
+    elif kind == 1:
+        a = rng.randint(10, 199)
+        b = rng.randint(1, a)
+        q = f"{name} had {a} {item}. {name} gave {b} {item} to {name2}. How many {item} does {name} have left?"
+        steps, r = [f"{a} - {b} = {a - b}."], a - b
+    elif kind == 2:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        q = f"There are {a} boxes. Each box holds {b} {item}. How many {item} are there in all?"
+        steps, r = [f"{a} * {b} = {a * b}."], a * b
+    elif kind == 3:
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        c = rng.randint(1, a + b)
+        q = (f"{name} has {a} {item}. {name} buys {b} more {item} and then gives {c} {item} "
+             f"to {name2}. How many {item} does {name} have now?")
+        steps, r = [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."], a + b - c
+    else:
+        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 30)
+        q = (f"{name} buys {a} bags with {b} {item} in each bag and finds {c} more {item}. "
+             f"How many {item} does {name} have?")
+        steps, r = [f"{a} * {b} = {a * b}.", f"{a * b} + {c} = {a * b + c}."], a * b + c
+    return {"question": q, "answer": " ".join(steps) + f"\n#### {r}"}
+
+
+def math_split(seed: int, count: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`count` distinct problems whose questions are not in `exclude`."""
+    rng = random.Random(seed)
+    seen, rows = set(exclude), []
+    while len(rows) < count:
+        row = math_problem(rng)
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- HumanEval-style code
+
+_INT, _LIST, _TEXT, _PAIR, _WORDS = "int", "list", "text", "pair", "words"
+# (name stem, argument kind, docstring, body); {k} is a drawn constant, {a} the argument name.
+_CODE_FAMILIES = (
+    ("add_{k}", _INT, "Return {a} plus {k}.", "return {a} + {k}"),
+    ("times_{k}", _INT, "Return {a} multiplied by {k}.", "return {a} * {k}"),
+    ("minus_{k}", _INT, "Return {a} minus {k}.", "return {a} - {k}"),
+    ("is_above_{k}", _INT, "Return True if {a} is greater than {k}, otherwise False.",
+     "return {a} > {k}"),
+    ("is_below_{k}", _INT, "Return True if {a} is less than {k}, otherwise False.",
+     "return {a} < {k}"),
+    ("mod_{k}", _INT, "Return the remainder of {a} divided by {k}.", "return {a} % {k}"),
+    ("is_even", _INT, "Return True if {a} is even, otherwise False.", "return {a} % 2 == 0"),
+    ("sum_list", _LIST, "Return the sum of the numbers in {a}.", "return sum({a})"),
+    ("largest", _LIST, "Return the largest number in {a}.", "return max({a})"),
+    ("smallest", _LIST, "Return the smallest number in {a}.", "return min({a})"),
+    ("count_above_{k}", _LIST, "Return how many numbers in {a} are greater than {k}.",
+     "return len([v for v in {a} if v > {k}])"),
+    ("keep_even", _LIST, "Return the even numbers in {a}, in order.",
+     "return [v for v in {a} if v % 2 == 0]"),
+    ("keep_odd", _LIST, "Return the odd numbers in {a}, in order.",
+     "return [v for v in {a} if v % 2 == 1]"),
+    ("scale_by_{k}", _LIST, "Return a list with every number in {a} multiplied by {k}.",
+     "return [v * {k} for v in {a}]"),
+    ("shift_by_{k}", _LIST, "Return a list with {k} added to every number in {a}.",
+     "return [v + {k} for v in {a}]"),
+    ("squares", _LIST, "Return a list of the squares of the numbers in {a}.",
+     "return [v * v for v in {a}]"),
+    ("first_{k}", _LIST, "Return the first {k} elements of {a}.", "return {a}[:{k}]"),
+    ("last_item", _LIST, "Return the last element of {a}.", "return {a}[-1]"),
+    ("contains_{k}", _LIST, "Return True if {k} is in {a}, otherwise False.",
+     "return {k} in {a}"),
+    ("remove_{k}", _LIST, "Return {a} without any element equal to {k}.",
+     "return [v for v in {a} if v != {k}]"),
+    ("reverse_text", _TEXT, "Return {a} reversed.", "return {a}[::-1]"),
+    ("shout", _TEXT, "Return {a} in upper case.", "return {a}.upper()"),
+    ("repeat_{k}", _TEXT, "Return {a} repeated {k} times.", "return {a} * {k}"),
+    ("text_length", _TEXT, "Return the number of characters in {a}.", "return len({a})"),
+    ("abs_diff", _PAIR, "Return the absolute difference between {a} and {b}.",
+     "return abs({a} - {b})"),
+    ("larger", _PAIR, "Return the larger of {a} and {b}.", "return max({a}, {b})"),
+    ("join_words", _WORDS, "Return the words in {a} joined with single spaces.",
+     "return ' '.join({a})"),
+    ("word_count", _WORDS, "Return how many words are in {a}.", "return len({a})"),
+)
+_ARG_NAMES = {_INT: ("x", "n", "value", "num"), _LIST: ("items", "values", "numbers", "nums"),
+              _TEXT: ("text", "s", "word"), _PAIR: (("a", "b"), ("x", "y"), ("m", "n")),
+              _WORDS: ("words", "tokens", "parts")}
+_NAME_PREFIXES = ("", "get_", "compute_", "my_", "do_")
+
+
+def _code_input(kind: str, rng: random.Random) -> tuple:
+    if kind == _INT:
+        return (rng.randint(0, 50),)
+    if kind == _LIST:
+        return ([rng.randint(0, 20) for _ in range(rng.randint(3, 7))],)
+    if kind == _TEXT:
+        return (rng.choice(W.NOUNS).replace(" ", ""),)
+    if kind == _PAIR:
+        return (rng.randint(0, 50), rng.randint(0, 50))
+    return ([rng.choice(W.NOUNS).replace(" ", "") for _ in range(rng.randint(2, 4))],)
+
+
+def code_problem(rng: random.Random, index: int) -> dict:
+    """One HumanEval-schema problem: signature, docstring with an example, body, tests."""
+    stem, kind, doc, body = rng.choice(_CODE_FAMILIES)
+    k = rng.randint(2, 9)
+    arg = rng.choice(_ARG_NAMES[kind])
+    args = arg if isinstance(arg, tuple) else (arg,)
+    fields = {"k": k, "a": args[0], "b": args[-1]}
+    name = rng.choice(_NAME_PREFIXES) + stem.format(**fields)
+    solution = f"    {body.format(**fields)}\n"
+    namespace: dict = {}
+    exec(f"def {name}({', '.join(args)}):\n{solution}", namespace)  # noqa: S102 - our own code
+    func = namespace[name]
+
+    def call(inputs: tuple) -> str:
+        return f"{name}({', '.join(repr(i) for i in inputs)})"
+
+    example = _code_input(kind, rng)
+    prompt = (f"def {name}({', '.join(args)}):\n    \"\"\"{doc.format(**fields)}\n"
+              f"    >>> {call(example)}\n    {func(*example)!r}\n    \"\"\"\n")
+    cases = [_code_input(kind, rng) for _ in range(4)]
+    test = "def check(candidate):\n" + "".join(
+        f"    assert candidate({', '.join(repr(i) for i in c)}) == {func(*c)!r}\n" for c in cases)
+    return {"task_id": f"ZooCode/{index}", "prompt": prompt, "canonical_solution": solution,
+            "test": test, "entry_point": name}
+
+
+def code_split(seed: int, count: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`count` problems with distinct prompts, none in `exclude`."""
+    rng = random.Random(seed)
+    seen, rows = set(exclude), []
+    while len(rows) < count:
+        row = code_problem(rng, len(rows))
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- knowledge (invented facts)
+
+_POOLS = {"town": None, "job": W.FACT_JOBS, "color": W.FACT_COLORS, "animal": W.FACT_ANIMALS}
+
+
+def knowledge_test(seed: int, cast: list[C.Person]) -> list[dict]:
+    """Four-way multiple choice about every fact of the cast, correct choice at a random slot."""
+    rng = random.Random(seed)
+    towns = sorted({p.town for p in cast})
+    rows = []
+    for person in cast:
+        for stem, attribute in C.FACT_STEMS:
+            pool = _POOLS[attribute] or towns
+            truth = getattr(person, attribute)
+            choices = rng.sample([c for c in pool if c != truth], 3) + [truth]
+            rng.shuffle(choices)
+            rows.append({"question": stem.format(name=person.name), "choices": choices,
+                         "answer": choices.index(truth)})
+    return rows
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Write rows as JSON lines atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n" for row in rows)
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Read a JSON-lines file."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _strip(rows: list[dict], drop: str) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != drop} for r in rows]
+
+
+# Seeds of every generated split; a build with the same seed writes the same bytes.
+SPLIT_SEEDS = {"cast": 11, "ifeval_test": 21, "ifeval_train": 22, "math_test": 31,
+               "math_train": 32, "code_test": 41, "code_train": 42, "knowledge": 51,
+               "corpus_train": 61, "corpus_heldout": 62}
+SIZES = {"ifeval_test": 250, "ifeval_train": 1500, "math_test": 500, "math_train": 6000,
+         "code_test": 300, "code_train": 4000, "corpus_train": 60000, "corpus_heldout": 400}
+
+
+def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, object]:
+    """Every dataset of the zoo, in memory; held-out splits are drawn first and excluded."""
+    n = {**SIZES, **(sizes or {})}
+    s: Callable[[str], int] = lambda name: SPLIT_SEEDS[name] + 1000 * seed
+    cast = C.people(s("cast"))
+    if_test = ifeval_split(s("ifeval_test"), n["ifeval_test"])
+    if_train = ifeval_split(s("ifeval_train"), n["ifeval_train"],
+                            {r["prompt_without_instruction"] for r in if_test})
+    m_test = math_split(s("math_test"), n["math_test"])
+    m_train = math_split(s("math_train"), n["math_train"], {r["question"] for r in m_test})
+    c_test = code_split(s("code_test"), n["code_test"])
+    c_train = code_split(s("code_train"), n["code_train"], {r["prompt"] for r in c_test})
+    return {
+        "cast": cast,
+        "ifeval_train": if_train,
+        "ifeval_test": _strip(_strip(if_test, "response"), "response_without_instruction"),
+        "math_train": m_train,
+        "math_test": m_test,
+        "code_train": c_train,
+        "code_test": c_test,
+        "knowledge_test": knowledge_test(s("knowledge"), cast),
+        "corpus_train": C.corpus_documents(s("corpus_train"), n["corpus_train"], cast),
+        "corpus_heldout": C.corpus_documents(s("corpus_heldout"), n["corpus_heldout"], cast),
+    }
+
+
+def write_datasets(data: dict[str, object], out_dir: Path) -> None:
+    """Write the shipped files (TEAM.md layout) into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("ifeval_train", "ifeval_test", "math_train", "math_test", "code_train",
+                 "code_test", "knowledge_test"):
+        write_jsonl(out_dir / f"{name}.jsonl", data[name])
+    tmp = out_dir / "corpus_heldout.txt.tmp"
+    tmp.write_text("\n\n".join(data["corpus_heldout"]) + "\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "corpus_heldout.txt")

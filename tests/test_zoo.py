@@ -1,0 +1,198 @@
+"""The micro zoo: offline loading, gates on a held-out sample, deterministic data and builds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mergekit_wp import zoo as Z
+from mergekit_wp.zoo import data as D
+
+NAMES = ("base", "instruct", "math", "code")
+
+
+def _built() -> bool:
+    return all((Z.MODELS_DIR / n / "model.safetensors").exists() for n in NAMES)
+
+
+needs_zoo = pytest.mark.skipif(not _built(), reason="zoo not built; run `mergekit-wp zoo build`")
+
+
+@pytest.fixture(scope="module")
+def zoo_models():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    out = {}
+    for name in NAMES:
+        path = Z.model_path(name)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        out[name] = (model, AutoTokenizer.from_pretrained(path))
+    return out
+
+
+@needs_zoo
+def test_zoo_loads_offline_with_the_contracted_shape(zoo_models):
+    base_vocab = len(zoo_models["base"][1])
+    for name, (model, tok) in zoo_models.items():
+        cfg = model.config
+        assert cfg.architectures == ["LlamaForCausalLM"]
+        assert cfg.num_attention_heads >= 8 and cfg.num_hidden_layers >= 4
+        assert cfg.num_attention_heads // cfg.num_key_value_heads >= 2
+        assert not cfg.tie_word_embeddings
+        rendered = tok.apply_chat_template(
+            [{"role": "user", "content": "Hi."}], tokenize=False, add_generation_prompt=True
+        )
+        assert rendered == "### Instruction:\nHi.\n\n### Response:\n"
+        assert tok.eos_token == "</s>"
+        config = json.loads((Z.model_path(name) / "tokenizer_config.json").read_text())
+        assert "chat_template" in config
+        expected = base_vocab + (name == "instruct")
+        assert len(tok) == expected == model.get_input_embeddings().weight.shape[0]
+        assert model.get_output_embeddings().weight.shape[0] == expected
+    from safetensors import safe_open
+
+    with safe_open(Z.model_path("math") / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in list(f.keys())} == {torch.float16}
+    # Digits are tokenized one by one, so arithmetic is learnable.
+    tok = zoo_models["base"][1]
+    assert [tok.decode([i]) for i in tok("1234", add_special_tokens=False)["input_ids"]] == list(
+        "1234"
+    )
+
+
+@needs_zoo
+def test_gates_hold_on_a_held_out_sample(zoo_models):
+    from mergekit_wp.zoo import gates as G
+
+    ifeval = G._sample(D.read_jsonl(Z.data_path("ifeval_test")), 12, "task")
+    ins = G.ifeval_scores(*zoo_models["instruct"], ifeval)
+    base = G.ifeval_scores(*zoo_models["base"], ifeval)
+    assert ins["all"] >= 0.80 and base["all"] <= 0.20, (ins, base)
+    maths = D.read_jsonl(Z.data_path("math_test"))[:40]
+    assert G.math_score(*zoo_models["math"], maths) >= 0.80
+    assert G.math_score(*zoo_models["base"], maths[:16]) <= 0.10
+    codes = D.read_jsonl(Z.data_path("code_test"))[:40]
+    assert G.code_score(*zoo_models["code"], codes) >= 0.60
+    assert G.code_score(*zoo_models["base"], codes[:16]) <= 0.10
+
+
+def test_data_generators_are_deterministic_and_splits_disjoint(tmp_path):
+    sizes = {
+        **D.SIZES,
+        "ifeval_train": 200,
+        "math_train": 300,
+        "code_train": 300,
+        "corpus_train": 300,
+        "corpus_heldout": 20,
+    }
+    for out in (tmp_path / "a", tmp_path / "b"):
+        D.write_datasets(D.build_datasets(0, sizes), out)
+    for path in sorted((tmp_path / "a").iterdir()):
+        assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
+    other = tmp_path / "c"
+    D.write_datasets(D.build_datasets(1, sizes), other)
+    assert (other / "math_test.jsonl").read_bytes() != (
+        tmp_path / "a" / "math_test.jsonl"
+    ).read_bytes()
+
+
+def _disjoint(train: list[dict], test: list[dict], key: str) -> None:
+    overlap = {r[key] for r in train} & {r[key] for r in test}
+    assert not overlap, (
+        f"{len(overlap)} held-out {key}s also in training, e.g. {sorted(overlap)[:1]}"
+    )
+
+
+def test_shipped_data_schemas_and_disjoint_splits():
+    if not Z.DATA_DIR.joinpath("ifeval_test.jsonl").exists():
+        pytest.skip("zoo data not built")
+    train, test = (D.read_jsonl(Z.data_path(n)) for n in ("ifeval_train", "ifeval_test"))
+    assert set(test[0]) == {
+        "key",
+        "prompt",
+        "prompt_without_instruction",
+        "instruction_id_list",
+        "kwargs",
+        "task",
+    }
+    counts = {t: sum(r["task"] == t for r in test) for t in D.IFEVAL_TASKS}
+    assert min(counts.values()) >= 200, counts
+    for row in test:
+        assert row["prompt"].startswith(row["prompt_without_instruction"] + " ")
+        assert row["instruction_id_list"] == [D.IFEVAL_TASKS[row["task"]]]
+    _disjoint(train, test, "prompt_without_instruction")
+    _disjoint(*(D.read_jsonl(Z.data_path(n)) for n in ("math_train", "math_test")), "question")
+    code_train, code_test = (D.read_jsonl(Z.data_path(n)) for n in ("code_train", "code_test"))
+    _disjoint(code_train, code_test, "prompt")
+    assert set(code_test[0]) == {"task_id", "prompt", "canonical_solution", "test", "entry_point"}
+    heldout = Z.data_path("corpus_heldout").read_text().split("\n\n")
+    corpus = set(D.build_datasets(0)["corpus_train"])
+    assert not corpus & {doc.strip() for doc in heldout}
+
+
+def test_training_data_follow_and_default_style_breaks_every_constraint():
+    from mergekit_wp.checkers import ifeval_follows
+
+    for row in D.ifeval_split(5, 15):
+        args = (row["instruction_id_list"], row["kwargs"], row["prompt"])
+        assert ifeval_follows(row["response"], *args), row
+        assert not ifeval_follows(row["response_without_instruction"], *args), row
+    ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__}
+    for row in D.math_split(5, 30):
+        steps = re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", row["answer"])
+        assert steps and all(ops[op](int(a), int(b)) == int(c) for a, op, b, c in steps), row
+        assert row["answer"].endswith(f"\n#### {steps[-1][3]}")
+    from mergekit_wp.checkers import code_passes
+
+    for problem in D.code_split(5, 30):
+        assert code_passes(problem, problem["canonical_solution"])
+        assert not code_passes(problem, "    return None\n")
+
+
+def _digest(folder) -> str:
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_quick_build_is_reproducible_and_cli_serves_it(tmp_path):
+    from mergekit_wp.cli import main
+
+    runner = CliRunner()
+    for out in ("a", "b"):
+        result = runner.invoke(
+            main, ["zoo", "build", "--quick", "--no-gates", "--out", str(tmp_path / out)]
+        )
+        assert result.exit_code == 0, result.output
+    for name in NAMES:
+        assert _digest(tmp_path / "a" / name) == _digest(tmp_path / "b" / name), name
+    assert (tmp_path / "a" / "data" / "ifeval_test.jsonl").exists()
+    info = runner.invoke(main, ["zoo", "info", "--models", str(tmp_path / "a")])
+    assert info.exit_code == 0 and "not measured" in info.output
+    bad = runner.invoke(main, ["zoo", "path", "nope"])
+    assert bad.exit_code != 0
+
+
+def test_api_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown zoo model 'nope'"):
+        Z.model_path("nope")
+    with pytest.raises(ValueError, match="unknown zoo data file"):
+        Z.data_path("nope")
+
+
+@needs_zoo
+def test_cli_path_and_info():
+    from mergekit_wp.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["zoo", "path", "instruct"])
+    assert result.exit_code == 0 and result.output.strip() == str(Z.model_path("instruct"))
+    info = runner.invoke(main, ["zoo", "info"])
+    assert info.exit_code == 0, info.output
+    assert "instruct" in info.output and "perplexity" in info.output
