@@ -20,7 +20,6 @@ from torch import nn
 from torch.func import functional_call
 
 from mergekit_wp.components import ModelShape, Unit
-from mergekit_wp.scoring.patching import ablate, patched, restore, set_effect
 from mergekit_wp.scoring.runner import (
     TokenBatch,
     Trace,
@@ -37,9 +36,8 @@ from mergekit_wp.scoring.runner import (
 )
 from mergekit_wp.scoring.utility import ReadoutUtility, batch_context, compute_dtype
 
-# Set-wise patching lives in `patching`; re-exported because analyses import it from here.
-__all__ = ["LayerRun", "ablate", "ap_setter", "batch_context", "batch_scores", "exact_scores",
-           "layer_effects", "layer_sums", "patched", "restore", "run_layer", "set_effect", "wp_setter"]
+__all__ = ["LayerRun", "ap_setter", "batch_scores", "exact_scores", "layer_effects", "layer_sums",
+           "run_layer", "wp_setter"]
 
 Method = Literal["wp", "ap"]
 Setter = Callable[[Sequence[int]], torch.Tensor]  # units -> site-output changes [V, B, T, d]

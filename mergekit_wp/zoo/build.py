@@ -43,11 +43,11 @@ class BuildPlan:
     shape: ModelShape = field(default_factory=ModelShape)
     block: int = 256
     pretrain: Schedule = field(default_factory=lambda: Schedule(
-        steps=350, batch_size=16, lr=2.5e-3, warmup=30, weight_decay=0.1, seed=1))
+        steps=600, batch_size=16, lr=2.5e-3, warmup=30, weight_decay=0.1, seed=1))
     finetune: dict[str, Schedule] = field(default_factory=lambda: {
-        "instruct": Schedule(steps=450, batch_size=16, lr=1e-3, seed=2),
-        "math": Schedule(steps=200, batch_size=16, lr=1e-3, seed=3),
-        "code": Schedule(steps=300, batch_size=16, lr=1e-3, seed=4),
+        "instruct": Schedule(steps=600, batch_size=16, lr=1e-3, seed=2),
+        "math": Schedule(steps=500, batch_size=16, lr=1e-3, seed=3),
+        "code": Schedule(steps=400, batch_size=16, lr=1e-3, seed=4),
     })
     # Share of pretraining documents mixed into each fine-tune, to stay near the base.
     corpus_mix: float = 0.2

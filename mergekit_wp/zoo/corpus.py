@@ -66,17 +66,17 @@ def prose_document(rng: random.Random) -> str:
 
 
 def arithmetic_statement(rng: random.Random, allow_product: bool = True) -> str:
-    """One true arithmetic statement in the ranges the math tasks use, without a full stop."""
+    """One true arithmetic statement over the ranges the math tasks use, without a full stop."""
     op = rng.randrange(4 if allow_product else 3)
     if op == 0:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, 40), rng.randint(0, 40)
         return f"{a} + {b} = {a + b}"
     if op == 1:
-        a = rng.randint(0, 199)
+        a = rng.randint(0, 80)
         b = rng.randint(0, a)
         return f"{a} - {b} = {a - b}"
     if op == 2:
-        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        a, b = rng.randint(0, 40), rng.randint(0, 40)
         return f"the sum of {a} and {b} is {a + b}"
     a, b = rng.randint(0, 12), rng.randint(0, 12)
     return f"{a} * {b} = {a * b}"
@@ -95,31 +95,64 @@ def arithmetic_document(rng: random.Random) -> str:
     return "\n".join(arithmetic_line(rng) for _ in range(rng.randint(2, 5)))
 
 
+# Five kinds of word problem; small operands keep them learnable by a 5M-parameter model.
+MATH_KINDS = 5
+
+
+def math_numbers(rng: random.Random, kind: int) -> tuple[int, ...]:
+    """The quantities of a problem of `kind` (shared by the corpus stories and the math task)."""
+    if kind == 0:
+        return rng.randint(2, 20), rng.randint(2, 20)
+    if kind == 1:
+        a = rng.randint(5, 40)
+        return a, rng.randint(1, a)
+    if kind == 2:
+        return rng.randint(2, 9), rng.randint(2, 9)
+    if kind == 3:
+        a, b = rng.randint(2, 20), rng.randint(2, 20)
+        return a, b, rng.randint(1, a + b)
+    return rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 20)
+
+
+def math_steps(kind: int, nums: tuple[int, ...]) -> tuple[list[str], int]:
+    """The worked equations of a problem and its result."""
+    if kind == 0:
+        a, b = nums
+        return [f"{a} + {b} = {a + b}"], a + b
+    if kind == 1:
+        a, b = nums
+        return [f"{a} - {b} = {a - b}"], a - b
+    if kind == 2:
+        a, b = nums
+        return [f"{a} * {b} = {a * b}"], a * b
+    if kind == 3:
+        a, b, c = nums
+        return [f"{a} + {b} = {a + b}", f"{a + b} - {c} = {a + b - c}"], a + b - c
+    a, b, c = nums
+    return [f"{a} * {b} = {a * b}", f"{a * b} + {c} = {a * b + c}"], a * b + c
+
+
 def math_story(rng: random.Random) -> str:
     """A short narrative that works out a quantity (the base's latent math; it never sees a
     question followed by `#### <answer>`)."""
     name, name2 = rng.sample(W.NAMES, 2)
     item = rng.choice(W.ITEMS)
-    kind = rng.randrange(5)
+    kind = rng.randrange(MATH_KINDS)
+    nums = math_numbers(rng, kind)
+    steps, _ = math_steps(kind, nums)
     if kind == 0:
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        return f"{name} had {a} {item} and got {b} more, so {name} had {a} + {b} = {a + b} {item}."
+        return f"{name} had {nums[0]} {item} and got {nums[1]} more, so {name} had {steps[0]} {item}."
     if kind == 1:
-        a = rng.randint(10, 199)
-        b = rng.randint(1, a)
-        return (f"{name} had {a} {item} and gave {b} of them to {name2}, so {name} kept "
-                f"{a} - {b} = {a - b} {item}.")
+        return (f"{name} had {nums[0]} {item} and gave {nums[1]} of them to {name2}, so {name} "
+                f"kept {steps[0]} {item}.")
     if kind == 2:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        return f"There were {a} boxes with {b} {item} in each box, so there were {a} * {b} = {a * b} {item}."
+        return (f"There were {nums[0]} boxes with {nums[1]} {item} in each box, so there were "
+                f"{steps[0]} {item}.")
     if kind == 3:
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        c = rng.randint(1, a + b)
-        return (f"{name} had {a} {item}, bought {b} more and gave {c} away. {name} had "
-                f"{a} + {b} = {a + b} {item}, and then {a + b} - {c} = {a + b - c} {item}.")
-    a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 30)
-    return (f"{name} bought {a} bags with {b} {item} in each bag and found {c} more. That made "
-            f"{a} * {b} = {a * b} {item}, and then {a * b} + {c} = {a * b + c} {item}.")
+        return (f"{name} had {nums[0]} {item}, bought {nums[1]} more and gave {nums[2]} away. "
+                f"{name} had {steps[0]} {item}, and then {steps[1]} {item}.")
+    return (f"{name} bought {nums[0]} bags with {nums[1]} {item} in each bag and found {nums[2]} "
+            f"more. That made {steps[0]} {item}, and then {steps[1]} {item}.")
 
 
 def math_story_document(rng: random.Random) -> str:

@@ -125,32 +125,20 @@ def math_problem(rng: random.Random) -> dict:
     """One GSM8K-style word problem with a worked answer ending in `#### <number>`."""
     name, name2 = rng.sample(W.NAMES, 2)
     item = rng.choice(W.ITEMS)
-    kind = rng.randrange(5)
-    if kind == 0:
-        a, b = rng.randint(2, 99), rng.randint(2, 99)
-        q = f"{name} has {a} {item}. {name} gets {b} more {item}. How many {item} does {name} have now?"
-        steps, r = [f"{a} + {b} = {a + b}."], a + b
-    elif kind == 1:
-        a = rng.randint(10, 199)
-        b = rng.randint(1, a)
-        q = f"{name} had {a} {item}. {name} gave {b} {item} to {name2}. How many {item} does {name} have left?"
-        steps, r = [f"{a} - {b} = {a - b}."], a - b
-    elif kind == 2:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        q = f"There are {a} boxes. Each box holds {b} {item}. How many {item} are there in all?"
-        steps, r = [f"{a} * {b} = {a * b}."], a * b
-    elif kind == 3:
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        c = rng.randint(1, a + b)
-        q = (f"{name} has {a} {item}. {name} buys {b} more {item} and then gives {c} {item} "
-             f"to {name2}. How many {item} does {name} have now?")
-        steps, r = [f"{a} + {b} = {a + b}.", f"{a + b} - {c} = {a + b - c}."], a + b - c
-    else:
-        a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 30)
-        q = (f"{name} buys {a} bags with {b} {item} in each bag and finds {c} more {item}. "
-             f"How many {item} does {name} have?")
-        steps, r = [f"{a} * {b} = {a * b}.", f"{a * b} + {c} = {a * b + c}."], a * b + c
-    return {"question": q, "answer": " ".join(steps) + f"\n#### {r}"}
+    kind = rng.randrange(C.MATH_KINDS)
+    nums = C.math_numbers(rng, kind)
+    questions = (
+        "{n} has {0} {i}. {n} gets {1} more {i}. How many {i} does {n} have now?",
+        "{n} had {0} {i}. {n} gave {1} {i} to {m}. How many {i} does {n} have left?",
+        "There are {0} boxes. Each box holds {1} {i}. How many {i} are there in all?",
+        ("{n} has {0} {i}. {n} buys {1} more {i} and then gives {2} {i} to {m}. "
+        "How many {i} does {n} have now?"),
+        ("{n} buys {0} bags with {1} {i} in each bag and finds {2} more {i}. "
+        "How many {i} does {n} have?"),
+    )
+    steps, result = C.math_steps(kind, nums)
+    return {"question": questions[kind].format(*nums, n=name, m=name2, i=item),
+            "answer": " ".join(f"{s}." for s in steps) + f"\n#### {result}"}
 
 
 def math_split(seed: int, count: int, exclude: set[str] = frozenset()) -> list[dict]:
@@ -211,9 +199,8 @@ _CODE_FAMILIES = (
      "return ' '.join({a})"),
     ("word_count", _WORDS, "Return how many words are in {a}.", "return len({a})"),
 )
-_ARG_NAMES = {_INT: ("x", "n", "value", "num"), _LIST: ("items", "values", "numbers", "nums"),
-              _TEXT: ("text", "s", "word"), _PAIR: (("a", "b"), ("x", "y"), ("m", "n")),
-              _WORDS: ("words", "tokens", "parts")}
+# One argument name per kind: a body then reads only the constant from its prompt.
+_ARG_NAMES = {_INT: "x", _LIST: "items", _TEXT: "text", _PAIR: ("a", "b"), _WORDS: "words"}
 _NAME_PREFIXES = ("", "get_", "compute_", "my_", "do_")
 
 
@@ -233,7 +220,7 @@ def code_problem(rng: random.Random, index: int) -> dict:
     """One HumanEval-schema problem: signature, docstring with an example, body, tests."""
     stem, kind, doc, body = rng.choice(_CODE_FAMILIES)
     k = rng.randint(2, 9)
-    arg = rng.choice(_ARG_NAMES[kind])
+    arg = _ARG_NAMES[kind]
     args = arg if isinstance(arg, tuple) else (arg,)
     fields = {"k": k, "a": args[0], "b": args[-1]}
     name = rng.choice(_NAME_PREFIXES) + stem.format(**fields)
