@@ -5,6 +5,6 @@ Importing this package registers the `wp` merge method with mergekit.
 
 __version__ = "0.1.0"
 
-from mergekit_wp.merge_method import register_wp  # noqa: E402
+from mergekit_wp.merge_method import register_wp
 
 register_wp()
