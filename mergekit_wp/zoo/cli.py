@@ -27,7 +27,7 @@ def zoo() -> None:
 @click.option("--gates-only", is_flag=True,
               help="Only re-measure the gates of the models already in OUT.")
 @click.option("--gate-sample", type=int, default=None,
-              help="Held-out prompts per task for the gates (default: the plan's).")
+              help="Held-out prompts per task for the gates; 0 = all (default: the plan's).")
 def build(out: Path | None, data_out: Path | None, quick: bool, scale: float, no_gates: bool,
           gates_only: bool, gate_sample: int | None) -> None:
     """Rebuild the zoo from seeds on CPU and measure its gates."""
@@ -40,7 +40,7 @@ def build(out: Path | None, data_out: Path | None, quick: bool, scale: float, no
     if scale != 1.0:
         plan = plan.scaled(scale)
     if gate_sample is not None:
-        plan = dataclasses.replace(plan, gate_sample=gate_sample)
+        plan = dataclasses.replace(plan, gate_sample=gate_sample or None)
     models = out or Z.MODELS_DIR
     data = data_out or (models / "data" if out else Z.DATA_DIR)
     if gates_only:
