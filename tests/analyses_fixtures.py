@@ -65,21 +65,7 @@ def tokenizer():
 
 def _llama(vocab: int, **config):
     """conftest's tiny Llama (GQA by default); `num_key_value_heads` may be overridden here."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if not config:
-        return tiny_llama(vocab, seed=0)
-    settings = {
-        "vocab_size": vocab,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-    }
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(**{**settings, **config})).eval()
+    return tiny_llama(vocab, seed=0, **config)
 
 
 def model_pair(

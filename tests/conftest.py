@@ -38,19 +38,21 @@ def tiny_tokenizer():
     return make_tokenizer(texts)
 
 
+# The shape every tiny test model shares (any architecture): small enough for fp64 checks.
+TINY_SHAPE = {
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
 def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
-    """A random LlamaForCausalLM with GQA, small enough for exact fp64 checks."""
+    """A random LlamaForCausalLM with GQA; `overrides` replace any config field."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        **overrides,
-    )
+    config = LlamaConfig(**{"vocab_size": vocab_size, **TINY_SHAPE, **overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()

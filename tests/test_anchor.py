@@ -25,7 +25,7 @@ from mergekit_wp.scoring.anchor import (
 )
 from mergekit_wp.scoring.data import PairedExample, load_domain, load_paired, split_paired
 from mergekit_wp.scoring.hooks import capture_residuals, steering
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_SHAPE, tiny_llama
 
 PROMPTS = ["the dog", "the quick brown fox jumps over", "a, b"]
 
@@ -42,15 +42,7 @@ def _llama(tokenizer, seed=0, dtype=torch.float64):
 def _other_arch(name: str, vocab: int):
     from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    common = {
-        "vocab_size": vocab,
-        "hidden_size": 32,
-        "intermediate_size": 48,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 128,
-    }
+    common = {"vocab_size": vocab, **TINY_SHAPE}
     torch.manual_seed(0)
     if name == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
