@@ -17,6 +17,7 @@ from mergekit_wp.analyses.knockout import top_fraction_sets
 from mergekit_wp.analyses.links import NeedUtility, link_strengths, need_directions
 from mergekit_wp.analyses.overlap import traced_overlaps
 from mergekit_wp.analyses.ranking import layer_mask, overlap, random_k, top_k
+from mergekit_wp.analyses.study import null_instruct
 from mergekit_wp.analyses.vocab import project_to_vocab, top_tokens, write_back_directions
 from mergekit_wp.components import Component, ModelShape
 from mergekit_wp.scoring.utility import batch_context
@@ -232,6 +233,24 @@ def test_traced_overlap_against_manual_sets():
     assert sorted(out["per_target"]) == sorted(expected)
     assert out["max"] == max(expected) and out["top20_avg"] == pytest.approx(sum(expected) / 2)
 
+
+
+def test_null_instruct_matches_the_change_norm_per_tensor():
+    base, instruct = model_pair(64, only_components=False)
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    null = null_instruct(base, instruct, seed=0)
+    tuned = dict(instruct.named_parameters())
+    for name, weight in null.named_parameters():
+        change, real = weight - before[name], tuned[name] - before[name]
+        assert torch.equal(dict(base.named_parameters())[name], before[name])  # base untouched
+        assert float(change.norm()) == pytest.approx(float(real.norm()), rel=1e-9), name
+        if real.norm() > 0:  # noise, not the instruct model's change
+            assert abs(float(torch.nn.functional.cosine_similarity(change.flatten(), real.flatten(), 0))) < 0.5
+    again = null_instruct(base, instruct, seed=0)
+    other = null_instruct(base, instruct, seed=1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(dict(again.named_parameters())[name], dict(null.named_parameters())[name])
+    assert not torch.equal(dict(other.named_parameters())[name], dict(null.named_parameters())[name])
 
 def test_circuit_validation_follows_the_thresholds():
     t = Component("head", 2, 0)

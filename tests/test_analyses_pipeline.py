@@ -23,7 +23,7 @@ TINY = {
     "vocab": {"neurons": 2, "top_tokens": 5},
     "ap_vs_wp": {"top_heads": 3, "top_neurons": 10},
     "kl_vs_anchor": {"top_heads": 3, "top_neurons": 10},
-    "overlap": {"targets": 3, "suppliers": 10, "k": [20]},
+    "overlap": {"targets": 3, "suppliers": 10, "k": [20], "null_control": True},
     "hierarchy": {"targets": 3, "suppliers": 5, "execution_heads": 2, "execution_neurons": 3},
     "knockout": {
         "heads": [1, 2],
@@ -68,6 +68,15 @@ def test_every_analysis_writes_json_pictures_and_the_index(tmp_path):
         "aggregation",
         "execution",
     }
+    # The overlap's null control: the same anchors, a different (noise) pair, its own numbers.
+    control = study.null_control()
+    assert control.base is study.base and control.instruct is not study.instruct
+    for task in study.tasks:
+        assert torch.equal(control.anchor(task).vectors, study.anchor(task).vectors)
+    assert control.cache != study.cache
+    numbers = json.loads((report.root / "overlap" / "overlap.json").read_text())["data"]
+    assert set(numbers["null_table"]) == set(numbers["table"]) and "Null control" in (
+        json.loads((report.root / "overlap" / "overlap.json").read_text())["summary"])
     # The knockout union curve restores AP's top-k plus WP's top-k, nothing else.
     union = select(study, "english_capital", "head", "upstream", "union", 2)
     assert set(union) == set(select(study, "english_capital", "head", "upstream", "ap", 2)) | set(
@@ -78,10 +87,7 @@ def test_every_analysis_writes_json_pictures_and_the_index(tmp_path):
     assert [r.name for r in partial.results] == list(ANALYSES)
     assert (report.root / "report.md").read_text().count("\n## ") == len(ANALYSES)
     # Cached score maps are reused by a second study with the same inputs (read back, not recomputed).
-    cached = list(
-        (report.root / "cache").glob("*/scores-english_capital-wp_attr-anchor.safetensors")
-    )
-    assert len(cached) == 1
+    assert (study.cache / "scores-english_capital-wp_attr-anchor.safetensors").is_file()
     again = Study(study.config, base=study.base, instruct=study.instruct, tokenizer=study.tokenizer)
     assert torch.equal(
         again.scores("english_capital", "wp").neurons, study.scores("english_capital", "wp").neurons
@@ -133,3 +139,22 @@ def test_cli_reports_a_bad_config_as_a_usage_error(tmp_path):
     assert re.search(r"analysis 'drift' has no option\(s\) \['color'\]", result.output)
     missing = CliRunner().invoke(main, ["analyze", str(tmp_path / "none.yml")])
     assert missing.exit_code == 2 and "file not found" in missing.output
+
+
+def test_cache_key_follows_model_and_data_content(tmp_path):
+    """A model rebuilt at the same path (or edited scoring data) must not reuse cached maps."""
+    from mergekit_wp.analyses.study import _fingerprint
+
+    for name in ("b", "i"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"weights-1")
+    (tmp_path / "s.jsonl").write_text("{}\n")
+    raw = {**_raw(tmp_path), "base": str(tmp_path / "b"), "instruct": str(tmp_path / "i"),
+           "data": {"scoring": str(tmp_path / "s.jsonl"), "evaluation": "e.jsonl"}}
+    first = _fingerprint(parse_config(raw))
+    assert _fingerprint(parse_config(raw)) == first
+    (tmp_path / "i" / "model.safetensors").write_bytes(b"weights-2")
+    second = _fingerprint(parse_config(raw))
+    assert second != first
+    (tmp_path / "s.jsonl").write_text('{"a": 1}\n')
+    assert _fingerprint(parse_config(raw)) not in (first, second)

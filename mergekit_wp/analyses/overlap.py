@@ -3,7 +3,8 @@
 For each of the top-20 AP heads (upstream, anchor utility), its top-200 supplier neurons by E_link
 (neurons of earlier layers) are compared with the top-k neurons of the WP ranking; per task:
 Max, Top-5 Avg and Top-20 Avg of the intersection rate |traced ∩ WP_k| / |traced|, under signed
-and absolute rankings. "chance" is the rate a random supplier set of the same pool would get.
+and absolute rankings. "chance" is the rate a random supplier set of the same pool would get;
+`null_control` repeats everything on a base / noise pair (`study.null_instruct`).
 """
 
 from __future__ import annotations
@@ -62,44 +63,71 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else float("nan")
 
 
-def _plot(table: dict, k: int) -> plt.Figure:
+def _plot(table: dict, k: int, null: dict | None) -> plt.Figure:
     tasks = list(table)
+    bars = [(stat, table, None) for stat in ("max", "top5_avg", "top20_avg")]
+    bars += [("null top20_avg", null, "..")] if null else []
+    bars += [("chance", table, "//")]
+    width = 0.8 / len(bars)
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), sharey=True)
     for ax, variant in zip(axes, ("signed", "absolute")):
-        for i, stat in enumerate(("max", "top5_avg", "top20_avg", "chance")):
-            ax.bar([t + 0.2 * i for t in range(len(tasks))], [table[t][variant][str(k)][stat] for t in tasks],
-                   0.2, label=stat, hatch="//" if stat == "chance" else None)
-        ax.set_xticks([t + 0.3 for t in range(len(tasks))], tasks, fontsize=7, rotation=15)
+        for i, (label, source, hatch) in enumerate(bars):
+            stat = label.split()[-1]
+            ax.bar([t + width * i for t in range(len(tasks))], [source[t][variant][str(k)][stat] for t in tasks],
+                   width, label=label, hatch=hatch)
+        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=7, rotation=15)
         ax.set(title=f"{variant} rankings, WP top-{k}", ylabel="intersection rate")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
+def overlap_table(study, task: str, n_targets: int, suppliers: int, ks: list[int]) -> dict:
+    """`{signed|absolute: {k: traced_overlaps}}` of one task of one base/instruct pair."""
+    mask = study.region_mask("head", "upstream", task)
+    targets = top_k(study.scores(task, "ap").heads, n_targets, "head", mask)
+    links = {t: v["neurons"] for t, v in study.links(task, targets).items()}
+    wp = study.scores(task, "wp").neurons
+    wp_mask = study.region_mask("neuron", "upstream", task)
+    return {
+        variant: {str(k): traced_overlaps(links, wp, wp_mask, suppliers, k, variant == "absolute") for k in ks}
+        for variant in ("signed", "absolute")
+    }
+
+
+def _means(table: dict, k: int) -> dict:
+    stats = ("max", "top5_avg", "top20_avg", "chance")
+    return {v: {s: _nanmean([table[t][v][str(k)][s] for t in table]) for s in stats} for v in ("signed", "absolute")}
+
+
+def _describe(avg: dict) -> str:
+    return "; ".join(
+        f"{v}: Max {a['max']:.2f} / Top-5 Avg {a['top5_avg']:.2f} / Top-20 Avg {a['top20_avg']:.2f} "
+        f"(chance {a['chance']:.2f})" for v, a in avg.items()
+    )
+
+
 def run(study, report: Report, options: dict) -> AnalysisResult:
     n_targets, suppliers = int(options["targets"]), int(options["suppliers"])
     ks = [int(k) for k in options["k"]]
-    table: dict = {}
-    for task in study.tasks_for(options):
-        mask = study.region_mask("head", "upstream", task)
-        targets = top_k(study.scores(task, "ap").heads, n_targets, "head", mask)
-        links = {t: v["neurons"] for t, v in study.links(task, targets).items()}
-        wp = study.scores(task, "wp").neurons
-        wp_mask = study.region_mask("neuron", "upstream", task)
-        table[task] = {
-            variant: {str(k): traced_overlaps(links, wp, wp_mask, suppliers, k, variant == "absolute") for k in ks}
-            for variant in ("signed", "absolute")
-        }
+    tasks = study.tasks_for(options)
+    table = {task: overlap_table(study, task, n_targets, suppliers, ks) for task in tasks}
+    # The same procedure on a pair whose weight change is noise of the same per-tensor norm: what
+    # the overlap is when WP and the tracing share only the network and the utility.
+    null = None
+    if options["null_control"]:
+        control = study.null_control()
+        null = {task: overlap_table(control, task, n_targets, suppliers, ks) for task in tasks}
     k = ks[0]
-    fig = report.figure("overlap", _plot(table, k), "overlap")
-    stats = ("max", "top5_avg", "top20_avg", "chance")
-    avg = {v: {s: _nanmean([table[t][v][str(k)][s] for t in table]) for s in stats} for v in ("signed", "absolute")}
+    fig = report.figure("overlap", _plot(table, k, null), "overlap")
+    avg = _means(table, k)
+    numbers = {"table": table, "mean": avg}
     if math.isnan(avg["signed"]["max"]):
         summary = "No top AP head has upstream neurons to trace (all sit in layer 0); nothing to compare."
     else:
-        summary = f"Traced top-{suppliers} suppliers of the top-{n_targets} AP heads vs WP top-{k} neurons, " + "; ".join(
-            f"{v}: Max {a['max']:.2f} / Top-5 Avg {a['top5_avg']:.2f} / Top-20 Avg {a['top20_avg']:.2f} "
-            f"(chance {a['chance']:.2f})" for v, a in avg.items()
-        ) + " (mean over tasks)."
-    return AnalysisResult("overlap", "Traced vs WP-ranked neurons (Table 1/8)", {"table": table, "mean": avg},
-                          [fig], summary)
+        summary = (f"Traced top-{suppliers} suppliers of the top-{n_targets} AP heads vs WP top-{k} neurons, "
+                   f"{_describe(avg)} (mean over tasks).")
+    if null is not None:
+        numbers |= {"null_table": null, "null_mean": _means(null, k)}
+        summary += f" Null control (noise weight change of equal norm): {_describe(numbers['null_mean'])}."
+    return AnalysisResult("overlap", "Traced vs WP-ranked neurons (Table 1/8)", numbers, [fig], summary)

@@ -25,7 +25,8 @@ ANALYSES: dict[str, tuple[str, dict[str, Any]]] = {
         "mergekit_wp.analyses.kl_vs_anchor",
         {"top_heads": 20, "top_neurons": 200, "method": "wp", "tasks": "main"},
     ),
-    "overlap": ("mergekit_wp.analyses.overlap", {"targets": 20, "suppliers": 200, "k": [1000], "tasks": "all"}),
+    "overlap": ("mergekit_wp.analyses.overlap", {"targets": 20, "suppliers": 200, "k": [1000], "tasks": "all",
+                                                     "null_control": False}),
     "hierarchy": (
         "mergekit_wp.analyses.hierarchy",
         {"targets": 20, "suppliers": 200, "supplier_kinds": ["neuron"], "tau_w": 0.0, "tau_link": 0.0,

@@ -7,6 +7,8 @@ second run with the same inputs reuses them.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -19,10 +21,11 @@ from mergekit_wp.analyses import scoring_api as api
 from mergekit_wp.analyses.config import AnalysisConfig
 from mergekit_wp.analyses.ranking import Kind, Region, layer_mask
 from mergekit_wp.components import Component, ModelShape
+from mergekit_wp.evaluation.io import fingerprint_path
 from mergekit_wp.scoremap import ScoreMap, read_score_map, write_score_map
 from mergekit_wp.scoring.anchor import Anchor, fit_anchor, load_anchor, save_anchor
 from mergekit_wp.scoring.config import resolve_model
-from mergekit_wp.scoring.data import PairedExample, load_paired, split_paired
+from mergekit_wp.scoring.data import PairedExample, load_paired, resolve_source, split_paired
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> nn.Module:
@@ -33,13 +36,39 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> nn.Mod
     return model.to(device).eval()
 
 
+def _content(reference: str | Path) -> str:
+    """What a local model folder or file holds (a rebuilt model at the same path is new input)."""
+    path = Path(reference)
+    return fingerprint_path(path) if path.exists() else str(reference)
+
+
 def _fingerprint(config: AnalysisConfig) -> str:
     """Cached anchors and maps are only reused by runs with the same inputs to them."""
     keys = (config.base, config.instruct, config.scoring_data, config.examples, config.seed, config.dtype,
             config.max_new_tokens, config.anchor.layer, config.anchor.sweep_layers, config.anchor.sweep_examples,
             config.anchor.mode,
-            sorted(config.anchor.files.items()))
+            sorted((task, _content(path)) for task, path in config.anchor.files.items()),
+            [_content(resolve_model(m)) for m in (config.base, config.instruct)],
+            _content(resolve_source(config.scoring_data)))
     return hashlib.sha256(repr(keys).encode()).hexdigest()[:12]
+
+
+@torch.no_grad()
+def null_instruct(base: nn.Module, instruct: nn.Module, seed: int) -> nn.Module:
+    """The base plus, in every tensor, Gaussian noise with the norm of the instruct model's change.
+
+    A control pair for the analyses: same base, same per-tensor change budget, no learned structure.
+    Rows the instruct model adds (an extra token) are not part of the base and are left out.
+    """
+    null = copy.deepcopy(base)
+    tuned = dict(instruct.named_parameters())
+    generator = torch.Generator().manual_seed(seed)
+    for name, weight in null.named_parameters():
+        accumulate = torch.promote_types(weight.dtype, torch.float32)
+        delta = tuned[name][tuple(slice(0, n) for n in weight.shape)].to(accumulate) - weight.to(accumulate)
+        noise = torch.randn(weight.shape, generator=generator, dtype=accumulate)
+        weight += (noise * (delta.norm() / noise.norm().clamp_min(1e-30))).to(weight.dtype)
+    return null
 
 
 class Study:
@@ -85,6 +114,7 @@ class Study:
         self._links: dict[tuple[str, Component], dict[str, torch.Tensor]] = {}
         self._examples: dict[str, list[PairedExample]] | None = None
         self._evaluation: dict[str, list[PairedExample]] | None = None
+        self._null: Study | None = None
 
     # --- data ---------------------------------------------------------------------------
     @property
@@ -226,6 +256,21 @@ class Study:
         if full is None:
             return api.exact_wp(self, task, components)
         return {c: float((full.heads if c.kind == "head" else full.neurons)[c.layer, c.index]) for c in components}
+
+    def null_control(self) -> Study:
+        """The study of (base, `null_instruct`) with this study's anchors, built once."""
+        if self._null is None:
+            files = {}
+            for task in self.tasks:
+                self.anchor(task)
+                files[task] = self.config.anchor.files.get(task, str(self.cache / f"anchor-{task}.safetensors"))
+            name = f"null control (seed {self.seed}) of {_content(resolve_model(self.config.instruct))}"
+            config = dataclasses.replace(
+                self.config, instruct=name, anchor=dataclasses.replace(self.config.anchor, files=files),
+                scores=dataclasses.replace(self.config.scores, files={}),  # given maps are the real pair's
+            )
+            self._null = Study(config, self.base, null_instruct(self.base, self.instruct, self.seed), self.tokenizer)
+        return self._null
 
     # --- behaviour ----------------------------------------------------------------------
     def accuracy(self, model: nn.Module, task: str, label: str | None = None) -> float:
