@@ -103,7 +103,8 @@ def steer_residual(
 
 def _cache_is_empty(layer_module: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Whether this call of the layer is a prefill (or a forward without cache)."""
-    cache = kwargs.get("past_key_values")
+    # transformers 5.24 passes it as `cache`; earlier 5.x releases as `past_key_values`.
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return True
     layer_idx = getattr(getattr(layer_module, "self_attn", None), "layer_idx", 0)
