@@ -140,6 +140,32 @@ def test_kl_utility_on_domain_data_with_gap_floor(pair, tmp_path):
     assert len(score(floor).report["skipped"]) == 1
 
 
+def test_downstream_kl_completes_the_anchor_map_after_l_a(pair, tmp_path):
+    common = {"methods": ["wp_attr", "wp"], "granularity": {"exact_neurons": 4}}
+    anchor_only = score(parse_config(_config(pair, tmp_path / "a", **common)))
+    kl_only = score(parse_config(_config(
+        pair, tmp_path / "k", utility={"kind": "kl"}, **common)))
+    both = parse_config(_config(pair, tmp_path / "ak", utility={
+        "kind": "anchor", "anchor": str(pair / "anchor.safetensors"), "downstream": "kl"}, **common))
+    stitched = score(both)
+    assert stitched.report["stitched_after_layer"] == 1
+    for method in ("wp_attr", "wp"):
+        up, down = (read_score_map(r.maps[method]) for r in (anchor_only, kl_only))
+        joined = read_score_map(tmp_path / "ak" / f"{method}.safetensors")
+        assert joined.utility == "anchor+kl" and (up.heads[2:] == 0).all()
+        # Layers 0..l_a are the anchor run's, layer 2 the KL run's, bit for bit.
+        assert torch.equal(joined.heads[:2], up.heads[:2]) and torch.equal(joined.heads[2:], down.heads[2:])
+        assert torch.equal(joined.neurons[:2], up.neurons[:2])
+        assert torch.equal(joined.neurons[2:], down.neurons[2:])
+        assert joined.heads[2].abs().max() > 0
+        for part, values in joined.parts.items():
+            assert torch.equal(values[2:], down.parts[part][2:]) and torch.equal(values[:2], up.parts[part][:2])
+    assert (tmp_path / "ak" / "upstream" / "report.json").is_file()
+    assert (tmp_path / "ak" / "downstream" / "report.json").is_file()
+    with pytest.raises(ValueError, match="downstream"):
+        parse_config(_config(pair, tmp_path / "x", utility={"kind": "kl", "downstream": "kl"}))
+
+
 def test_anchor_is_fitted_on_first_use_then_reused(pair, tmp_path):
     anchor = tmp_path / "fit" / "anchor.safetensors"
     config = parse_config(

@@ -43,11 +43,18 @@ class UtilityConfig(_Strict):
     sweep_examples: int | None = Field(default=None, gt=0)
     sweep_max_new_tokens: int = Field(default=64, gt=0)
     sweep_mode: Literal["anchor", "all"] = "anchor"  # steer the anchor position, or every position
+    # Components after l_a cannot move F_a and score 0 under it (METHOD.md §3); `kl` scores them
+    # with the downstream KL utility on the same prompts (§6) and writes one map for every layer,
+    # which is what a `wp` merge needs: else peers take every layer after the anchor.
+    downstream: Literal["kl"] | None = None
 
     @model_validator(mode="after")
     def _needs_anchor(self) -> UtilityConfig:
         if self.kind in ("anchor", "projection") and not self.anchor:
             raise ValueError(f"utility kind {self.kind!r} needs `anchor: PATH` (an anchor file)")
+        if self.downstream and self.kind != "anchor":
+            raise ValueError(f"utility.downstream completes an anchor utility's map; kind {self.kind!r} "
+                             "already scores every layer")
         return self
 
 

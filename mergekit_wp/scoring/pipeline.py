@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from mergekit_wp.components import ModelShape
 from mergekit_wp.scoremap import ScoreMap
 from mergekit_wp.scoring.attribution import empty_parts, gradient_pass
-from mergekit_wp.scoring.config import ScoringConfig, resolve_model
+from mergekit_wp.scoring.config import ScoringConfig, UtilityConfig, resolve_model
 from mergekit_wp.scoring.exact import layer_sums
 from mergekit_wp.scoring.inputs import load_examples, make_batches
 from mergekit_wp.scoring.runner import TokenBatch, site_inputs, trace, weight_bytes
@@ -344,7 +344,28 @@ class _Scorer:
 
 def score(config: ScoringConfig, on_unit: Callable[[str], None] | None = None,
           restart: bool = False) -> ScoreRun:
-    """Score `config.model` against `config.base` with every configured method; write the outputs."""
+    """Score `config.model` against `config.base` with every configured method; write the outputs.
+
+    With `utility.downstream`, two runs (anchor utility in `<output>/upstream`, KL utility in
+    `<output>/downstream`, each resumable) are stitched at l_a into the maps in `<output>`.
+    """
+    if config.utility.downstream is None:
+        return _score_one(config, on_unit, restart)
+    from mergekit_wp.scoring.report import write_stitched
+
+    out = config.output_dir()
+    upstream = _score_one(config.model_copy(update={
+        "output": str(out / "upstream"), "utility": config.utility.model_copy(update={"downstream": None}),
+    }), on_unit, restart)
+    downstream = _score_one(config.model_copy(update={
+        "output": str(out / "downstream"), "utility": UtilityConfig(kind=config.utility.downstream),
+    }), on_unit, restart)
+    if upstream.report_path is None:
+        return upstream  # not rank 0 of a data-parallel run
+    return write_stitched(config, upstream, downstream)
+
+
+def _score_one(config: ScoringConfig, on_unit: Callable[[str], None] | None, restart: bool) -> ScoreRun:
     from mergekit_wp.scoring.report import write_outputs
 
     started = time.perf_counter()

@@ -7,12 +7,15 @@ import os
 import tempfile
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mergekit_wp.scoremap import ScoreMap, write_score_map
 from mergekit_wp.scoring.config import ScoringConfig
+
+if TYPE_CHECKING:
+    from mergekit_wp.scoring.pipeline import ScoreRun
 
 NEURON_BINS = 64
 
@@ -78,6 +81,66 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _write_maps(out: Path, maps: dict[str, ScoreMap], top_k: int) -> tuple[dict, list[Path], dict]:
+    """`<out>/<method>.safetensors` and heatmaps; what the report says of each map."""
+    written, pictures, methods = {}, [], {}
+    for method, scores in maps.items():
+        written[method] = write_score_map(out / f"{method}.safetensors", scores)
+        pngs = heatmaps(scores, out / method)
+        pictures += pngs
+        methods[method] = {"file": str(written[method]), "heatmaps": [str(p) for p in pngs],
+                           "top": top_components(scores, top_k)}
+    return written, pictures, methods
+
+
+def stitch(upstream: ScoreMap, downstream: ScoreMap) -> ScoreMap:
+    """Layers up to the upstream map's stop layer (l_a) from it, later layers from `downstream`."""
+    layer = int(upstream.details["stop_layer"])
+    later = slice(layer + 1, None)
+
+    def join(up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        joined = up.clone()
+        joined[later] = down[later]
+        return joined
+
+    return ScoreMap(
+        heads=join(upstream.heads, downstream.heads),
+        neurons=join(upstream.neurons, downstream.neurons),
+        method=upstream.method,
+        utility=f"{upstream.utility}+{downstream.utility}",
+        base_model=upstream.base_model,
+        model=upstream.model,
+        num_key_value_heads=upstream.num_key_value_heads,
+        parts={k: join(v, downstream.parts[k]) for k, v in upstream.parts.items() if k in downstream.parts},
+        details={"stitched_after_layer": layer, "upstream": upstream.details, "downstream": downstream.details},
+    )
+
+
+def write_stitched(config: ScoringConfig, upstream: ScoreRun, downstream: ScoreRun) -> ScoreRun:
+    """The stitched maps of an anchor run and its downstream run, and a report linking both."""
+    from mergekit_wp.scoremap import read_score_map
+    from mergekit_wp.scoring.pipeline import ScoreRun
+
+    maps = {m: stitch(read_score_map(path), read_score_map(downstream.maps[m])) for m, path in upstream.maps.items()}
+    written, pictures, methods = _write_maps(config.output_dir(), maps, config.top_k)
+    layer = next(iter(maps.values())).details["stitched_after_layer"]
+    report = {
+        "base": config.base,
+        "model": config.model,
+        "utility": f"{config.utility.kind}+{config.utility.downstream}",
+        "stitched_after_layer": layer,
+        "methods": methods,
+        "upstream_report": str(upstream.report_path),
+        "downstream_report": str(downstream.report_path),
+        "timings_s": {"upstream": upstream.report["timings_s"]["total"],
+                      "downstream": downstream.report["timings_s"]["total"]},
+        "config": config.model_dump(),
+    }
+    report_path = config.output_dir() / "report.json"
+    _write_json(report_path, report)
+    return ScoreRun(written, report_path, upstream.pictures + downstream.pictures + pictures, report)
+
+
 def write_outputs(
     config: ScoringConfig,
     maps: dict[str, ScoreMap],
@@ -92,13 +155,7 @@ def write_outputs(
     from mergekit_wp.scoring.pipeline import ScoreRun
 
     out = config.output_dir()
-    written, pictures, methods = {}, [], {}
-    for method, scores in maps.items():
-        written[method] = write_score_map(out / f"{method}.safetensors", scores)
-        pngs = heatmaps(scores, out / method)
-        pictures += pngs
-        methods[method] = {"file": str(written[method]), "heatmaps": [str(p) for p in pngs],
-                           "top": top_components(scores, config.top_k)}
+    written, pictures, methods = _write_maps(out, maps, config.top_k)
     gaps = [r["gap"] for r in rows]
     report = {
         "base": config.base,
