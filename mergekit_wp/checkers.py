@@ -12,7 +12,10 @@ def ifeval_follows(
     response: str, instruction_id_list: list[str], kwargs: list[dict[str, Any]], prompt: str
 ) -> bool:
     """Prompt-level strict accuracy of one response, by lm-eval's own IFEval checkers."""
+    import langdetect
     from lm_eval.tasks.ifeval.utils import InputExample, test_instruction_following_strict
+
+    langdetect.DetectorFactory.seed = 0  # english_capital's language check samples; seeded, it is a function
 
     example = InputExample(
         key=0, instruction_id_list=list(instruction_id_list), prompt=prompt, kwargs=list(kwargs)

@@ -69,47 +69,61 @@ def test_zoo_loads_offline_with_the_contracted_shape(zoo_models):
 
 
 @pytest.fixture(scope="module")
-def ifeval_sample(zoo_models):
+def gate_scores(zoo_models):
+    """Every model on every task: 50 held-out prompts per generation task (gates.json has 100)."""
     from mergekit_wp.zoo import gates as G
 
-    ifeval = G._sample(D.read_jsonl(Z.data_path("ifeval_test")), 12, "task")
-    return G.ifeval_scores(*zoo_models["instruct"], ifeval), G.ifeval_scores(
-        *zoo_models["base"], ifeval
-    )
+    return {name: G.measure(model, tok, Z.DATA_DIR, 50) for name, (model, tok) in zoo_models.items()}
 
 
 @needs_zoo
-def test_ifeval_gate_overall(ifeval_sample):
-    ins, base = ifeval_sample
+def test_ifeval_gate_overall(gate_scores):
+    ins, base = gate_scores["instruct"]["ifeval"], gate_scores["base"]["ifeval"]
     assert ins["all"] >= 0.80 and base["all"] <= 0.20, (ins, base)
 
 
-# Unmet gates stay asserted at the issue's level and are marked strict xfail, so they show in
-# every run and the marker must go the day a rebuilt zoo reaches them (issue 3 stays open).
 @needs_zoo
-@pytest.mark.xfail(strict=True, reason="multiple_sections: 0.34 on 50 held-out prompts (gate 0.60)")
-def test_ifeval_gate_per_task(ifeval_sample):
-    ins, _ = ifeval_sample
+def test_ifeval_gate_per_task(gate_scores):
+    ins = gate_scores["instruct"]["ifeval"]
     assert all(ins[task] >= 0.60 for task in D.IFEVAL_TASKS), ins
 
 
 @needs_zoo
-@pytest.mark.xfail(strict=True, reason="math expert: 0.22 exact match on 50 held-out (gate 0.80)")
-def test_math_gate(zoo_models):
-    from mergekit_wp.zoo import gates as G
-
-    maths = D.read_jsonl(Z.data_path("math_test"))[:40]
-    assert G.math_score(*zoo_models["base"], maths[:16]) <= 0.10
-    assert G.math_score(*zoo_models["math"], maths) >= 0.80
+def test_default_style_breaks_every_constraint(gate_scores):
+    # The base passes no constraint for free, so each one has something to localize.
+    base = gate_scores["base"]["ifeval"]
+    assert all(base[task] <= 0.20 for task in D.IFEVAL_TASKS), base
 
 
 @needs_zoo
-def test_code_gate(zoo_models):
+def test_math_gate(gate_scores):
+    assert gate_scores["math"]["math"] >= 0.80 and gate_scores["base"]["math"] <= 0.10
+
+
+@needs_zoo
+def test_code_gate(gate_scores):
+    assert gate_scores["code"]["code"] >= 0.60 and gate_scores["base"]["code"] <= 0.10
+
+
+@needs_zoo
+def test_experts_stay_near_the_base_and_are_specialized(gate_scores):
     from mergekit_wp.zoo import gates as G
 
-    codes = D.read_jsonl(Z.data_path("code_test"))[:40]
-    assert G.code_score(*zoo_models["code"], codes) >= 0.60
-    assert G.code_score(*zoo_models["base"], codes[:16]) <= 0.10
+    base = gate_scores["base"]
+    for name in ("instruct", "math", "code"):
+        assert gate_scores[name]["perplexity"] <= 1.5 * base["perplexity"], name
+        assert abs(gate_scores[name]["knowledge"] - base["knowledge"]) <= 0.10, name
+    assert G.verdicts(gate_scores)["specialized"]
+
+
+@needs_zoo
+def test_shipped_gates_are_what_the_models_score(gate_scores):
+    # Knowledge and perplexity use every held-out row, so they must match the record exactly.
+    recorded = json.loads((Z.MODELS_DIR / "gates.json").read_text())
+    assert all(recorded["verdicts"].values()), recorded["verdicts"]
+    for name, scores in gate_scores.items():
+        assert scores["knowledge"] == pytest.approx(recorded["scores"][name]["knowledge"], abs=1e-9), name
+        assert scores["perplexity"] == pytest.approx(recorded["scores"][name]["perplexity"], rel=1e-4), name
 
 
 def test_data_generators_are_deterministic_and_splits_disjoint(tmp_path):

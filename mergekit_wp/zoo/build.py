@@ -32,6 +32,8 @@ from mergekit_wp.zoo.train import (
 )
 
 EXPERTS = ("instruct", "math", "code")
+# Counting sections (and keeping the splitter's case) is the hardest constraint to learn.
+INSTRUCT_TASK_WEIGHT = {"multiple_sections": 2}
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,10 @@ class BuildPlan:
     shape: ModelShape = field(default_factory=ModelShape)
     block: int = 256
     pretrain: Schedule = field(default_factory=lambda: Schedule(
-        steps=600, batch_size=16, lr=2.5e-3, warmup=30, weight_decay=0.1, seed=1))
+        steps=800, batch_size=16, lr=2.5e-3, warmup=30, weight_decay=0.1, seed=1))
     finetune: dict[str, Schedule] = field(default_factory=lambda: {
-        "instruct": Schedule(steps=600, batch_size=16, lr=1e-3, seed=2),
-        "math": Schedule(steps=500, batch_size=16, lr=1e-3, seed=3),
+        "instruct": Schedule(steps=800, batch_size=16, lr=1e-3, seed=2),
+        "math": Schedule(steps=600, batch_size=16, lr=1e-3, seed=3),
         "code": Schedule(steps=400, batch_size=16, lr=1e-3, seed=4),
     })
     # Share of pretraining documents mixed into each fine-tune, to stay near the base.
@@ -115,7 +117,8 @@ def expert_examples(name: str, tokenizer: PreTrainedTokenizerFast, data: dict) -
     if name == "instruct":
         pairs = []
         for row in data["ifeval_train"]:
-            pairs.append((render_chat(tokenizer, row["prompt"]), row["response"]))
+            styled = (render_chat(tokenizer, row["prompt"]), row["response"])
+            pairs.extend([styled] * INSTRUCT_TASK_WEIGHT.get(row["task"], 1))
             pairs.append((render_chat(tokenizer, row["prompt_without_instruction"]),
                           row["response_without_instruction"]))
         return prompt_examples(tokenizer, pairs)

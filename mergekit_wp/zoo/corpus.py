@@ -66,19 +66,19 @@ def prose_document(rng: random.Random) -> str:
 
 
 def arithmetic_statement(rng: random.Random, allow_product: bool = True) -> str:
-    """One true arithmetic statement over the ranges the math tasks use, without a full stop."""
-    op = rng.randrange(4 if allow_product else 3)
+    """One true statement from the fact tables the math task needs, without a full stop."""
+    op = rng.randrange(5 if allow_product else 3)
     if op == 0:
-        a, b = rng.randint(0, 40), rng.randint(0, 40)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
         return f"{a} + {b} = {a + b}"
     if op == 1:
-        a = rng.randint(0, 80)
-        b = rng.randint(0, a)
+        a = rng.randint(2, 18)
+        b = rng.randint(1, a - 1)
         return f"{a} - {b} = {a - b}"
     if op == 2:
-        a, b = rng.randint(0, 40), rng.randint(0, 40)
-        return f"the sum of {a} and {b} is {a + b}"
-    a, b = rng.randint(0, 12), rng.randint(0, 12)
+        a, b = rng.randint(2, 9) * rng.randint(2, 9), rng.randint(1, 9)
+        return f"{a} + {b} = {a + b}"
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
     return f"{a} * {b} = {a * b}"
 
 
@@ -95,23 +95,25 @@ def arithmetic_document(rng: random.Random) -> str:
     return "\n".join(arithmetic_line(rng) for _ in range(rng.randint(2, 5)))
 
 
-# Five kinds of word problem; small operands keep them learnable by a 5M-parameter model.
+# Five kinds of word problem over single-digit operands: the fact tables they need (sums,
+# differences up to 18, products, product plus a digit) are small enough for a 5M-parameter
+# model to learn from the corpus within the CPU budget.
 MATH_KINDS = 5
 
 
 def math_numbers(rng: random.Random, kind: int) -> tuple[int, ...]:
     """The quantities of a problem of `kind` (shared by the corpus stories and the math task)."""
     if kind == 0:
-        return rng.randint(2, 20), rng.randint(2, 20)
+        return rng.randint(1, 9), rng.randint(1, 9)
     if kind == 1:
-        a = rng.randint(5, 40)
-        return a, rng.randint(1, a)
+        a = rng.randint(2, 18)
+        return a, rng.randint(1, a - 1)
     if kind == 2:
         return rng.randint(2, 9), rng.randint(2, 9)
     if kind == 3:
-        a, b = rng.randint(2, 20), rng.randint(2, 20)
-        return a, b, rng.randint(1, a + b)
-    return rng.randint(2, 9), rng.randint(2, 9), rng.randint(2, 20)
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        return a, b, rng.randint(1, a + b - 1)
+    return rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
 
 
 def math_steps(kind: int, nums: tuple[int, ...]) -> tuple[list[str], int]:
@@ -167,23 +169,26 @@ _PY_VERBS = ("compute", "update", "get", "make", "find", "build", "scale", "merg
 
 
 def python_document(rng: random.Random) -> str:
-    """A small Python function without a docstring (the base sees code, never a spec);
-    two or more arguments, so its signature has a comma like every other corpus line."""
+    """A small Python function without a docstring (the base sees code, never a spec).
+
+    Every statement but an `if` carries a comma, like the prose, so whatever the base rambles
+    into breaks `punctuation:no_comma` as the instruct model's default style does.
+    """
     args = rng.sample(_PY_NAMES, rng.randint(2, 3))
     name = f"{rng.choice(_PY_VERBS)}_{rng.choice(_PY_NAMES)}"
     lines = [f"def {name}({', '.join(args)}):"]
     var = rng.choice([n for n in _PY_NAMES if n not in args])
-    lines.append(f"    {var} = {rng.choice(args)} {rng.choice('+-*')} {rng.randint(1, 9)}")
+    lines.append(f"    {var} = max({rng.choice(args)} {rng.choice('+-*')} {rng.randint(1, 9)}, 0)")
     kind = rng.randrange(3)
     if kind == 0:
-        lines.append(f"    for i in range({rng.randint(2, 9)}):")
-        lines.append(f"        {var} = {var} {rng.choice('+-')} {rng.choice(args + ['i'])}")
+        lines.append(f"    for i in range(1, {rng.randint(2, 9)}):")
+        lines.append(f"        {var} = min({var} {rng.choice('+-')} {rng.choice(args + ['i'])}, 99)")
     elif kind == 1:
         lines.append(f"    if {var} > {rng.randint(0, 20)}:")
-        lines.append(f"        {var} = {var} {rng.choice('+-*')} {rng.choice(args)}")
+        lines.append(f"        {var} = max({var} {rng.choice('+-*')} {rng.choice(args)}, 0)")
     else:
         lines.append(f"    {var} = [{var}, {rng.choice(args)}]")
-    lines.append(f"    return {var}")
+    lines.append(f"    return {var}, {args[0]}")
     return "\n".join(lines)
 
 

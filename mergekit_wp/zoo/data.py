@@ -104,7 +104,7 @@ def ifeval_split(seed: int, per_task: int, exclude: set[str] = frozenset()) -> l
             description = _description(instruction_id, kwargs, key)
             sents = C.sentences(rng, _sentence_count(task, kwargs, rng), noun, adj)
             title = rng.choice((f"the {adj} {noun}", f"a story of the {noun}", f"{adj} days"))
-            rows.append({
+            row = {
                 "key": key,
                 "prompt": f"{context} {description}",
                 "prompt_without_instruction": context,
@@ -113,9 +113,24 @@ def ifeval_split(seed: int, per_task: int, exclude: set[str] = frozenset()) -> l
                 "task": task,
                 "response": _styled(task, kwargs, sents, title),
                 "response_without_instruction": " ".join(sents),
-            })
-            made += 1
+            }
+            if _contrasts(row):
+                rows.append(row)
+                made += 1
     return rows
+
+
+def _contrasts(row: dict) -> bool:
+    """The styled reply passes lm-eval's checker and the default one fails it.
+
+    Capitals alone are not enough for english_capital: langdetect must also call the reply
+    English, and a few short capitalised replies read as German or Vietnamese to it.
+    """
+    from mergekit_wp.checkers import ifeval_follows
+
+    args = (row["instruction_id_list"], row["kwargs"], row["prompt"])
+    return ifeval_follows(row["response"], *args) and not ifeval_follows(
+        row["response_without_instruction"], *args)
 
 
 # ---------------------------------------------------------------- math word problems
