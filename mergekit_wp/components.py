@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Unit = Literal["head", "kv_group", "neuron"]
+TensorGroupName = Literal["component", "kv", "vocab", "other"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ArchitectureFamily:
     layers_prefix: str = "model.layers"
     attention: str = "self_attn"
     mlp: str = "mlp"
+    vocab_modules: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # rows indexed by token id
 
 
 _ATTENTION_ROLES = (
@@ -208,6 +210,17 @@ class ModelShape:
         if role is not None and param == "bias" and role.axis != 0:
             role = None  # o_proj / down_proj biases are shared by all units of the layer
         return WeightInfo(name, layer, module, param, role)
+
+    def tensor_group(self, name: str) -> TensorGroupName:
+        """Which Θ a stored tensor belongs to: head / neuron slices, a KV group's, or none.
+
+        Of the tensors no component owns, `vocab` are the embeddings and `lm_head` (one row per
+        token) and `other` the norms and shared o/down biases.
+        """
+        role = self.parse(name).role
+        if role is not None:
+            return "kv" if role.unit == "kv_group" else "component"
+        return "vocab" if name.rsplit(".", 1)[0] in self.family.vocab_modules else "other"
 
     def unit_slice(self, role: TensorRole, index: int, ndim: int) -> tuple[slice, ...]:
         """Index expression selecting unit `index` of a tensor with this role."""

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
+from mergekit_wp.analyses import scoring_api as api
 from mergekit_wp.analyses.attention import attention_mass, instruction_token_mask
 from mergekit_wp.analyses.cross_task import _diagonal_means, intersection_counts
 from mergekit_wp.analyses.drift import ATTENTION, MLP, parameter_drift
 from mergekit_wp.analyses.fidelity import measure
 from mergekit_wp.analyses.fine_grained import part_scores
 from mergekit_wp.analyses.hierarchy import recover_circuit
-from mergekit_wp.analyses.knockout import top_fraction_sets
+from mergekit_wp.analyses.knockout import ladder, top_fraction_sets
 from mergekit_wp.analyses.links import NeedUtility, link_strengths, need_directions
 from mergekit_wp.analyses.overlap import traced_overlaps
 from mergekit_wp.analyses.ranking import layer_mask, overlap, random_k, top_k
@@ -140,6 +141,59 @@ def test_restore_empty_is_base_and_restore_all_is_instruct(study):
     assert study.restore_accuracy(task, []) == study.base_accuracy(task)
     assert study.restore_accuracy(task, every) == study.instruct_accuracy(task)
     assert study.knockout_accuracy(task, every) == study.base_accuracy(task)
+
+
+def _logit_behaviour(study):
+    """Swap a study's behaviour for a fingerprint of the logits, one value per distinct model."""
+    ids = study.tokenizer("the red fox ran, and the dog sat.", return_tensors="pt")["input_ids"]
+    vocab = len(study.tokenizer)
+
+    def fingerprint(model, task, label=None):
+        with torch.no_grad():
+            return float(model(input_ids=ids).logits[..., :vocab].double().sum())
+
+    study.accuracy = fingerprint
+    return fingerprint(study.base, ""), fingerprint(study.instruct, "")
+
+
+def test_whole_model_swap_is_the_other_model_with_an_added_vocabulary_row(tmp_path):
+    # Δθ everywhere (norms, embeddings, lm_head too) and one extra vocabulary row, like the zoo's pad.
+    study = make_study(tmp_path, only_components=False)
+    study.instruct.resize_token_embeddings(len(study.tokenizer) + 1)
+    task = "no_comma"
+    base_out, inst_out = _responses(study, study.base, task), _responses(study, study.instruct, task)
+    assert base_out != inst_out
+    groups = ("component", "kv", "other", "vocab")
+    with api.patched_tensors(study.base, study.instruct, groups):
+        assert _responses(study, study.base, task) == inst_out
+    with api.patched_tensors(study.instruct, study.base, groups):
+        assert _responses(study, study.instruct, task) == base_out
+    assert _responses(study, study.base, task) == base_out  # undone on exit
+    # Whole component tensors and every component's slices are the same thing.
+    with api.patched_tensors(study.base, study.instruct, ("component",)):
+        whole_tensors = _responses(study, study.base, task)
+    with study.restored(list(study.shape.components())):
+        assert _responses(study, study.base, task) == whole_tensors
+    base, inst = _logit_behaviour(study)
+    rows = ladder(study, task)
+    assert rows["whole model"] == {"restore": pytest.approx(inst, rel=1e-12),
+                                   "knockout": pytest.approx(base, rel=1e-12)}
+    # Here the non-component tensors changed too, so components alone are not the whole change.
+    assert rows["all heads + neurons"]["restore"] != pytest.approx(inst, rel=1e-6)
+
+
+def test_ladder_on_a_component_only_change(tmp_path):
+    # Δθ only in component tensors: all heads + neurons already are the whole change.
+    study = make_study(tmp_path)
+    base, inst = _logit_behaviour(study)
+    assert base != pytest.approx(inst, rel=1e-6)
+    rows = ladder(study, "no_comma")
+    for label in ("all heads + neurons", "+ K/V", "+ K/V + norms", "whole model"):
+        assert rows[label] == {"restore": pytest.approx(inst, rel=1e-12),
+                               "knockout": pytest.approx(base, rel=1e-12)}, label
+    assert rows["all but heads + neurons"] == {"restore": base, "knockout": inst}
+    for label in ("all heads", "all neurons"):
+        assert base != pytest.approx(rows[label]["restore"], rel=1e-6) != inst, label
 
 
 # --- link strength ----------------------------------------------------------------------------

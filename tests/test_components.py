@@ -100,6 +100,21 @@ def test_every_projection_parses_to_its_role(model_and_shape):
     assert roles == shape.num_hidden_layers * (7 + 3 * (shape.family.name == "qwen2"))
 
 
+def test_tensor_groups_cover_every_stored_tensor_by_its_projection(model_and_shape):
+    model, shape = model_and_shape
+    for name in model.state_dict():
+        projection = name.split(".")[-2]
+        expected = {"k_proj": "kv", "v_proj": "kv"}.get(projection, "component")
+        if projection in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") or (
+            projection in ("o_proj", "down_proj") and name.endswith(".weight")
+        ):
+            assert shape.tensor_group(name) == expected, name
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert shape.tensor_group(name) == "vocab", name
+        else:  # norms, shared output biases
+            assert shape.tensor_group(name) == "other", name
+
+
 def test_shared_output_biases_have_no_role():
     shape = ModelShape.from_config(config_of("Qwen2ForCausalLM"))
     assert shape.parse("model.layers.1.self_attn.q_proj.bias").role.part == "q"

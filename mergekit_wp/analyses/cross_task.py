@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 
 from mergekit_wp.analyses.knockout import select
 from mergekit_wp.analyses.ranking import top_k
-from mergekit_wp.analyses.report import AnalysisResult, Report
+from mergekit_wp.analyses.report import AnalysisResult, Report, matrix_panel
 from mergekit_wp.components import Component
 
 
@@ -22,19 +22,6 @@ def intersection_counts(selections: dict[str, list[Component]]) -> list[list[int
     tasks = list(selections)
     sets = {t: set(selections[t]) for t in tasks}
     return [[len(sets[a] & sets[b]) for b in tasks] for a in tasks]
-
-
-def _matrix(ax, values: list[list[float]], tasks: list[str], title: str, fmt: str) -> None:
-    im = ax.imshow(values, cmap="viridis")
-    short = [t[:10] for t in tasks]
-    ax.set_xticks(range(len(tasks)), short, rotation=45, fontsize=7, ha="right")
-    ax.set_yticks(range(len(tasks)), short, fontsize=7)
-    for i, row in enumerate(values):
-        for j, v in enumerate(row):
-            ax.text(j, i, "nan" if math.isnan(v) else format(v, fmt), ha="center", va="center", fontsize=6,
-                    color="black" if math.isnan(v) else "white")
-    ax.set_title(title, fontsize=9)
-    plt.colorbar(im, ax=ax, fraction=0.046)
 
 
 def _diagonal_means(rate: list[list[float]]) -> tuple[float, float]:
@@ -66,15 +53,16 @@ def run(study, report: Report, options: dict) -> AnalysisResult:
             (acc - study.base_accuracy(t)) / gap if (gap := study.instruct_accuracy(t) - study.base_accuracy(t)) else math.nan
             for acc, t in zip(row, tasks)
         ])
+    short = [t[:10] for t in tasks]
     fig, axes = plt.subplots(len(methods), 2, figsize=(9, 4 * len(methods)), squeeze=False)
     for i, method in enumerate(methods):
-        _matrix(axes[i, 0], counts[method]["head"], tasks, f"{method}: top-{k_heads} heads shared", "d")
-        _matrix(axes[i, 1], counts[method]["neuron"], tasks, f"{method}: top-{k_neurons} neurons shared", "d")
+        matrix_panel(axes[i, 0], counts[method]["head"], short, short, f"{method}: top-{k_heads} heads shared", "d")
+        matrix_panel(axes[i, 1], counts[method]["neuron"], short, short, f"{method}: top-{k_neurons} neurons shared", "d")
     fig.tight_layout()
     figures = [report.figure("cross_task", fig, "overlap_counts")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    _matrix(axes[0], transfer, tasks, f"restore top-{n} neurons of row task: accuracy", ".2f")
-    _matrix(axes[1], rate, tasks, "correction rate", ".2f")
+    matrix_panel(axes[0], transfer, short, short, f"restore top-{n} neurons of row task: accuracy", ".2f")
+    matrix_panel(axes[1], rate, short, short, "correction rate", ".2f")
     for ax in axes:
         ax.set(ylabel="neurons from", xlabel="tested on")
     fig.tight_layout()

@@ -4,6 +4,8 @@ Restore copies the instruct model's slices of a set into the base; knockout copi
 slices into the instruct model. Sets are the top-k heads (k = 1..20) or neurons (fractions of all
 neurons) by AP, by WP, at random, or AP ∪ WP; upstream (layers <= l_a, anchor utility) and
 downstream (after l_a, KL utility) separately. Behaviour is IFEval strict accuracy of greedy responses.
+With `ladder`, whole sets on every task too (all heads, all neurons, both, + K/V, + norms, the
+whole model, and all but the components): how much of the behaviour the components carry at all.
 """
 
 from __future__ import annotations
@@ -14,11 +16,22 @@ import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
 from mergekit_wp.analyses.ranking import Kind, Region, as_names, random_k, top_k
-from mergekit_wp.analyses.report import AnalysisResult, Report
-from mergekit_wp.components import Component
+from mergekit_wp.analyses.report import AnalysisResult, Report, matrix_panel
+from mergekit_wp.components import Component, TensorGroupName
 
 Mode = Literal["knockout", "restore"]
 METHODS = ("ap", "wp", "random", "union")
+# Whole sets, growing to the whole model: how much of the behaviour the components can carry at
+# all, and how much lives in tensors no component owns (K/V, norms, embeddings and lm_head).
+LADDER: tuple[tuple[str, tuple[Kind, ...], tuple[TensorGroupName, ...]], ...] = (
+    ("all heads", ("head",), ()),
+    ("all neurons", ("neuron",), ()),
+    ("all heads + neurons", ("head", "neuron"), ()),
+    ("+ K/V", ("head", "neuron"), ("kv",)),
+    ("+ K/V + norms", ("head", "neuron"), ("kv", "other")),
+    ("whole model", ("head", "neuron"), ("kv", "other", "vocab")),
+    ("all but heads + neurons", (), ("kv", "other", "vocab")),
+)
 
 
 def select(study, task: str, kind: Kind, region: Region, method: str, k: int) -> list[Component]:
@@ -81,6 +94,27 @@ def plot_curves(numbers: dict, base: float, instruct: float, task: str) -> plt.F
     return fig
 
 
+def ladder(study, task: str) -> dict[str, dict[Mode, float]]:
+    """`{set: {restore: acc, knockout: acc}}` for each whole set of `LADDER`."""
+    out: dict[str, dict[Mode, float]] = {}
+    for label, kinds, groups in LADDER:
+        chosen = [c for kind in kinds for c in study.shape.components(kind)]
+        out[label] = {mode: study.swap_accuracy(task, mode, chosen, groups) for mode in ("restore", "knockout")}
+    return out
+
+
+def plot_ladder(rows: dict[str, dict[str, dict[Mode, float]]]) -> plt.Figure:
+    tasks = list(rows)
+    sets = [label for label, _, _ in LADDER]
+    fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(tasks), 3.8))
+    for ax, mode, title in ((axes[0], "restore", "restore into the base"),
+                            (axes[1], "knockout", "knock out of the instruct model")):
+        values = [[rows[t][label][mode] for t in tasks] for label in sets]
+        matrix_panel(ax, values, sets, [t[:10] for t in tasks], f"{title}: IFEval strict acc", ".1f")
+    fig.tight_layout()
+    return fig
+
+
 def top_fraction_sets(study, task: str, method: str, fraction: float) -> list[Component]:
     """Top `fraction` of heads and of neurons, each region ranked under its own utility."""
     chosen: list[Component] = []
@@ -125,6 +159,9 @@ def run(study, report: Report, options: dict) -> AnalysisResult:
             data.setdefault("top_fraction_sets", {}).setdefault(task, {})[method] = as_names(chosen)
         data["top_fraction"][task] = row
     figures.append(report.figure("knockout", plot_top_fraction(data["top_fraction"], fraction), "top_fraction"))
+    if options["ladder"]:
+        data["ladder"] = {task: ladder(study, task) for task in tqdm(study.tasks, desc="whole sets", leave=False)}
+        figures.append(report.figure("knockout", plot_ladder(data["ladder"]), "ladder"))
     data["summary_numbers"] = _summary_numbers(data)
     return AnalysisResult("knockout", "Knockout and restore (Fig. 8, 16)", data, figures, _summary(data))
 
@@ -155,5 +192,12 @@ def _summary(data: dict) -> str:
     top = data["top_fraction"]
     wp_wins = sum(r.get("restore wp", 0) > r.get("restore ap", 0) for r in top.values())
     gains = [r.get("restore wp", 0) - r["base"] for r in top.values()]
-    return ("Mean accuracy over the k values: " + "; ".join(parts) + ". Top-fraction restore: WP beats AP "
+    text = ("Mean accuracy over the k values: " + "; ".join(parts) + ". Top-fraction restore: WP beats AP "
             f"on {wp_wins}/{len(top)} tasks, WP's mean gain over the base {sum(gains) / len(gains):+.2f}.")
+    if "ladder" in data:
+        ladder_rows = data["ladder"].values()
+        reached = sum(r["all heads + neurons"]["restore"] >= top[t]["instruct"] for t, r in data["ladder"].items())
+        mean = sum(r["all heads + neurons"]["restore"] for r in ladder_rows) / len(ladder_rows)
+        text += (f" Restoring all heads + neurons reaches the instruct model's accuracy on {reached}/{len(top)} "
+                 f"tasks (mean {mean:.2f}).")
+    return text

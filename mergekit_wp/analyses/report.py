@@ -57,6 +57,20 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
         plt.close(fig)
 
 
+def matrix_panel(ax: plt.Axes, values: list[list[float]], rows: list[str], cols: list[str], title: str,
+                 fmt: str) -> None:
+    """An annotated heatmap of `values[row][col]` (NaN cells say so) with a colour bar."""
+    im = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, fontsize=7, ha="right")
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            ax.text(j, i, "nan" if math.isnan(v) else format(v, fmt), ha="center", va="center", fontsize=6,
+                    color="black" if math.isnan(v) else "white")
+    ax.set_title(title, fontsize=9)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+
+
 @dataclass
 class AnalysisResult:
     """What one analysis produced: its numbers (JSON), its figures and a one-line finding."""

@@ -36,7 +36,7 @@ ANALYSES: dict[str, tuple[str, dict[str, Any]]] = {
         "mergekit_wp.analyses.knockout",
         {"heads": [1, 2, 5, 10, 20], "neuron_fractions": [0.01, 0.02, 0.05], "methods": ["ap", "wp", "random", "union"],
          "regions": ["upstream", "downstream"], "modes": ["knockout", "restore"], "top_fraction": 0.05,
-         "union": True, "tasks": "main"},
+         "union": True, "ladder": True, "tasks": "main"},
     ),
     "fine_grained": (
         "mergekit_wp.analyses.fine_grained",

@@ -20,7 +20,7 @@ from torch import nn
 from mergekit_wp.analyses import scoring_api as api
 from mergekit_wp.analyses.config import AnalysisConfig
 from mergekit_wp.analyses.ranking import Kind, Region, layer_mask
-from mergekit_wp.components import Component, ModelShape
+from mergekit_wp.components import Component, ModelShape, TensorGroupName
 from mergekit_wp.evaluation.io import fingerprint_path
 from mergekit_wp.scoremap import ScoreMap, read_score_map, write_score_map
 from mergekit_wp.scoring.anchor import Anchor, fit_anchor, load_anchor, save_anchor
@@ -108,7 +108,7 @@ class Study:
         self._anchors: dict[str, Anchor] = {}
         self._scores: dict[tuple[str, str, str], ScoreMap] = {}
         self._accuracy: dict[tuple[str, str], float] = {}
-        self._patched: dict[tuple[str, str, frozenset], float] = {}
+        self._patched: dict[tuple[str, str, frozenset, frozenset], float] = {}
         self._batches: dict[tuple[str, str], list] = {}
         self._utilities: dict[tuple[str, str], Any] = {}
         self._links: dict[tuple[str, Component], dict[str, torch.Tensor]] = {}
@@ -299,18 +299,23 @@ class Study:
         """The instruct model with the base model's slices of `components` (undone on exit)."""
         return api.ablate(self.instruct, self.base, components)
 
-    def restore_accuracy(self, task: str, components: list[Component]) -> float:
-        """Accuracy of the base with `components` restored (memoized: curves revisit sets)."""
-        key = ("restore", task, frozenset(components))
+    def swap_accuracy(self, task: str, mode: str, components: list[Component],
+                      groups: tuple[TensorGroupName, ...] = ()) -> float:
+        """Accuracy after a swap of `components` and whole tensor `groups` (memoized: curves revisit sets).
+
+        `restore`: the instruct model's values go into the base; `knockout`: the base's into the instruct.
+        """
+        key = (mode, task, frozenset(components), frozenset(groups))
         if key not in self._patched:
-            with self.restored(components):
-                self._patched[key] = self.accuracy(self.base, task)
+            target, source = {"restore": (self.base, self.instruct), "knockout": (self.instruct, self.base)}[mode]
+            with api.patched(target, source, components), api.patched_tensors(target, source, groups):
+                self._patched[key] = self.accuracy(target, task)
         return self._patched[key]
 
+    def restore_accuracy(self, task: str, components: list[Component]) -> float:
+        """Accuracy of the base with `components` restored."""
+        return self.swap_accuracy(task, "restore", components)
+
     def knockout_accuracy(self, task: str, components: list[Component]) -> float:
-        """Accuracy of the instruct model with `components` knocked out (memoized)."""
-        key = ("knockout", task, frozenset(components))
-        if key not in self._patched:
-            with self.ablated(components):
-                self._patched[key] = self.accuracy(self.instruct, task)
-        return self._patched[key]
+        """Accuracy of the instruct model with `components` knocked out."""
+        return self.swap_accuracy(task, "knockout", components)

@@ -4,7 +4,7 @@ Public API (imported lazily so `mergekit_wp.scoring.data` stays light):
 - `score(config)`, `load_config(path)`, `ScoringConfig`: the whole run behind `mergekit-wp score`.
 - Utilities: `AnchorUtility`, `KLUtility`, `gaps`; any `utility(model, batch) -> Tensor[B]` works.
 - `gradient_pass` (WP-attr, AP-attr), `exact_scores` / `layer_sums` (exact WP, AP),
-  `restore` / `ablate` / `set_effect` (set-wise patching), `TokenBatch`, `make_batches`.
+  `restore` / `ablate` / `set_effect` (set-wise patching), `patched_tensors` (whole tensor groups), `TokenBatch`, `make_batches`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ _EXPORTS = {
     "gradient_pass": "attribution",
     "batch_context": "utility", "gap_weights": "utility",
     "exact_scores": "exact", "layer_sums": "exact", "batch_scores": "exact",
-    "restore": "patching", "ablate": "patching", "patched": "patching", "set_effect": "patching",
+    "restore": "patching", "ablate": "patching", "patched": "patching", "patched_tensors": "patching",
+    "set_effect": "patching",
     "TokenBatch": "runner", "forward_to": "runner",
     "make_batches": "inputs", "load_examples": "inputs",
     "summary": "report", "top_components": "report",

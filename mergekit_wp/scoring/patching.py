@@ -13,34 +13,56 @@ from typing import Literal
 import torch
 from torch import nn
 
-from mergekit_wp.components import Component
+from mergekit_wp.components import Component, TensorGroupName
 from mergekit_wp.scoring.runner import TokenBatch, model_shape
 from mergekit_wp.scoring.utility import Utility, batch_context
 
 
 @contextmanager
-def patched(target: nn.Module, source: nn.Module, components: Iterable[Component]) -> Iterator[nn.Module]:
-    """While active, `target` carries `source`'s slices Θ(S) of `components`; undone on exit."""
-    shape = model_shape(target)
+def _patched_slices(
+    target: nn.Module, source: nn.Module, slices: Iterable[tuple[str, tuple[slice, ...]]]
+) -> Iterator[nn.Module]:
+    """While active, each `(name, index)` slice of `target` holds `source`'s values; undone on exit."""
     target_params = dict(target.named_parameters())
     source_params = dict(source.named_parameters())
     saved: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for component in components:
-                for name, index in shape.slices(component).items():
-                    if name not in target_params:
-                        continue  # e.g. q_proj.bias on Llama
-                    if name not in source_params:
-                        raise ValueError(f"source model has no tensor {name!r} that the target has")
-                    tensor = target_params[name]
-                    saved.append((tensor, index, tensor[index].clone()))
-                    tensor[index] = source_params[name][index].to(tensor.device, tensor.dtype)
+            for name, index in slices:
+                if name not in target_params:
+                    continue  # e.g. q_proj.bias on Llama
+                if name not in source_params:
+                    raise ValueError(f"source model has no tensor {name!r} that the target has")
+                tensor = target_params[name]
+                saved.append((tensor, index, tensor[index].clone()))
+                tensor[index] = source_params[name][index].to(tensor.device, tensor.dtype)
         yield target
     finally:
         with torch.no_grad():
             for tensor, index, value in reversed(saved):
                 tensor[index] = value
+
+
+def patched(target: nn.Module, source: nn.Module, components: Iterable[Component]):
+    """While active, `target` carries `source`'s slices Θ(S) of `components`; undone on exit."""
+    shape = model_shape(target)
+    return _patched_slices(target, source, (item for c in components for item in shape.slices(c).items()))
+
+
+def patched_tensors(target: nn.Module, source: nn.Module, groups: Iterable[TensorGroupName]):
+    """While active, every `target` tensor of `groups` (`ModelShape.tensor_group`) is `source`'s.
+
+    Where a vocabulary differs (an added pad token), only the token rows both models have are copied.
+    """
+    shape, groups = model_shape(target), set(groups)
+    sizes = {name: p.shape for name, p in source.named_parameters()}
+    slices = []
+    for name, tensor in target.named_parameters():
+        group = shape.tensor_group(name)
+        if group in groups:
+            rows = min(tensor.shape[0], sizes.get(name, tensor.shape)[0]) if group == "vocab" else None
+            slices.append((name, (slice(0, rows),)))
+    return _patched_slices(target, source, slices)
 
 
 def restore(base: nn.Module, sft: nn.Module, components: Iterable[Component]):
