@@ -69,7 +69,7 @@ def _plot(table: dict, k: int, null: dict | None) -> plt.Figure:
     bars += [("null top20_avg", null, "..")] if null else []
     bars += [("chance", table, "//")]
     width = 0.8 / len(bars)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.9), sharey=True)
     for ax, variant in zip(axes, ("signed", "absolute")):
         for i, (label, source, hatch) in enumerate(bars):
             stat = label.split()[-1]
@@ -77,8 +77,9 @@ def _plot(table: dict, k: int, null: dict | None) -> plt.Figure:
                    width, label=label, hatch=hatch)
         ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=7, rotation=15)
         ax.set(title=f"{variant} rankings, WP top-{k}", ylabel="intersection rate")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    # One legend below both panels: inside, it covered the last task's bars.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(bars), fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
 
