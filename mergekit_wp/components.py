@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Unit = Literal["head", "kv_group", "neuron"]
-TensorGroupName = Literal["component", "kv", "vocab", "other"]
+TensorGroupName = Literal["component", "kv", "embedding", "unembedding", "other"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ class ArchitectureFamily:
     layers_prefix: str = "model.layers"
     attention: str = "self_attn"
     mlp: str = "mlp"
-    vocab_modules: tuple[str, ...] = ("model.embed_tokens", "lm_head")  # rows indexed by token id
+    embedding: str = "model.embed_tokens"  # rows indexed by token id, like the unembedding's
+    unembedding: str = "lm_head"
 
 
 _ATTENTION_ROLES = (
@@ -214,13 +215,14 @@ class ModelShape:
     def tensor_group(self, name: str) -> TensorGroupName:
         """Which Θ a stored tensor belongs to: head / neuron slices, a KV group's, or none.
 
-        Of the tensors no component owns, `vocab` are the embeddings and `lm_head` (one row per
-        token) and `other` the norms and shared o/down biases.
+        Of the tensors no component owns, `embedding` and `unembedding` (`lm_head`) have one row
+        per token; `other` are the norms and shared o/down biases.
         """
         role = self.parse(name).role
         if role is not None:
             return "kv" if role.unit == "kv_group" else "component"
-        return "vocab" if name.rsplit(".", 1)[0] in self.family.vocab_modules else "other"
+        module = name.rsplit(".", 1)[0]
+        return {self.family.embedding: "embedding", self.family.unembedding: "unembedding"}.get(module, "other")
 
     def unit_slice(self, role: TensorRole, index: int, ndim: int) -> tuple[slice, ...]:
         """Index expression selecting unit `index` of a tensor with this role."""

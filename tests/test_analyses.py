@@ -163,7 +163,7 @@ def test_whole_model_swap_is_the_other_model_with_an_added_vocabulary_row(tmp_pa
     task = "no_comma"
     base_out, inst_out = _responses(study, study.base, task), _responses(study, study.instruct, task)
     assert base_out != inst_out
-    groups = ("component", "kv", "other", "vocab")
+    groups = ("component", "kv", "other", "embedding", "unembedding")
     with api.patched_tensors(study.base, study.instruct, groups):
         assert _responses(study, study.base, task) == inst_out
     with api.patched_tensors(study.instruct, study.base, groups):
@@ -188,7 +188,7 @@ def test_ladder_on_a_component_only_change(tmp_path):
     base, inst = _logit_behaviour(study)
     assert base != pytest.approx(inst, rel=1e-6)
     rows = ladder(study, "no_comma")
-    for label in ("all heads + neurons", "+ K/V", "+ K/V + norms", "whole model"):
+    for label in ("all heads + neurons", "+ K/V", "+ K/V + norms", "+ K/V + norms + embeddings", "whole model"):
         assert rows[label] == {"restore": pytest.approx(inst, rel=1e-12),
                                "knockout": pytest.approx(base, rel=1e-12)}, label
     assert rows["all but heads + neurons"] == {"restore": base, "knockout": inst}

@@ -109,8 +109,10 @@ def test_tensor_groups_cover_every_stored_tensor_by_its_projection(model_and_sha
             projection in ("o_proj", "down_proj") and name.endswith(".weight")
         ):
             assert shape.tensor_group(name) == expected, name
-        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            assert shape.tensor_group(name) == "vocab", name
+        elif name == "model.embed_tokens.weight":
+            assert shape.tensor_group(name) == "embedding", name
+        elif name == "lm_head.weight":
+            assert shape.tensor_group(name) == "unembedding", name
         else:  # norms, shared output biases
             assert shape.tensor_group(name) == "other", name
 

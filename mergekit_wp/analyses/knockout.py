@@ -4,8 +4,9 @@ Restore copies the instruct model's slices of a set into the base; knockout copi
 slices into the instruct model. Sets are the top-k heads (k = 1..20) or neurons (fractions of all
 neurons) by AP, by WP, at random, or AP ∪ WP; upstream (layers <= l_a, anchor utility) and
 downstream (after l_a, KL utility) separately. Behaviour is IFEval strict accuracy of greedy responses.
-With `ladder`, whole sets on every task too (all heads, all neurons, both, + K/V, + norms, the
-whole model, and all but the components): how much of the behaviour the components carry at all.
+With `ladder`, whole sets on every task too (all heads, all neurons, both, + K/V, + norms,
++ embeddings, the whole model, and all but the components): how much of the behaviour the
+components carry at all.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ LADDER: tuple[tuple[str, tuple[Kind, ...], tuple[TensorGroupName, ...]], ...] = 
     ("all heads + neurons", ("head", "neuron"), ()),
     ("+ K/V", ("head", "neuron"), ("kv",)),
     ("+ K/V + norms", ("head", "neuron"), ("kv", "other")),
-    ("whole model", ("head", "neuron"), ("kv", "other", "vocab")),
-    ("all but heads + neurons", (), ("kv", "other", "vocab")),
+    ("+ K/V + norms + embeddings", ("head", "neuron"), ("kv", "other", "embedding")),
+    ("whole model", ("head", "neuron"), ("kv", "other", "embedding", "unembedding")),
+    ("all but heads + neurons", (), ("kv", "other", "embedding", "unembedding")),
 )
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -299,7 +299,7 @@ class Study:
         """The instruct model with the base model's slices of `components` (undone on exit)."""
         return api.ablate(self.instruct, self.base, components)
 
-    def swap_accuracy(self, task: str, mode: str, components: list[Component],
+    def swap_accuracy(self, task: str, mode: Literal["restore", "knockout"], components: list[Component],
                       groups: tuple[TensorGroupName, ...] = ()) -> float:
         """Accuracy after a swap of `components` and whole tensor `groups` (memoized: curves revisit sets).
 

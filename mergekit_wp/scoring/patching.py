@@ -60,7 +60,8 @@ def patched_tensors(target: nn.Module, source: nn.Module, groups: Iterable[Tenso
     for name, tensor in target.named_parameters():
         group = shape.tensor_group(name)
         if group in groups:
-            rows = min(tensor.shape[0], sizes.get(name, tensor.shape)[0]) if group == "vocab" else None
+            per_token = group in ("embedding", "unembedding")
+            rows = min(tensor.shape[0], sizes.get(name, tensor.shape)[0]) if per_token else None
             slices.append((name, (slice(0, rows),)))
     return _patched_slices(target, source, slices)
 
