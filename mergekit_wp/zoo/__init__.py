@@ -8,8 +8,9 @@ ROOT = Path(__file__).parent
 MODELS_DIR = ROOT / "models"
 DATA_DIR = ROOT / "data"
 MODEL_NAMES = ("base", "instruct", "math", "code")
-DATA_FILES = ("ifeval_train", "ifeval_test", "math_train", "math_test", "code_train",
-              "code_test", "knowledge_test", "corpus_heldout")
+DATA_FILES = ("ifeval_train", "ifeval_test", "ifeval_val", "math_train", "math_test",
+              "math_val", "code_train", "code_test", "code_val", "knowledge_test",
+              "corpus_heldout")
 
 
 def model_path(name: str) -> Path:

@@ -86,8 +86,13 @@ def _sentence_count(task: str, kwargs: dict, rng: random.Random) -> int:
     return rng.randint(2, 3)
 
 
-def ifeval_split(seed: int, per_task: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """`per_task` paired examples per task; contexts in `exclude` are never used."""
+def ifeval_split(seed: int, per_task: int, exclude: set[str] = frozenset(),
+                 check: bool = True) -> list[dict]:
+    """`per_task` paired examples per task; contexts in `exclude` are never used.
+
+    `check` keeps only rows whose styled reply passes lm-eval's checker and whose default reply
+    fails it (every task split); pretraining documents skip the check (langdetect is slow).
+    """
     rng = random.Random(seed)
     rows: list[dict] = []
     used = set(exclude)
@@ -114,7 +119,7 @@ def ifeval_split(seed: int, per_task: int, exclude: set[str] = frozenset()) -> l
                 "response": _styled(task, kwargs, sents, title),
                 "response_without_instruction": " ".join(sents),
             }
-            if _contrasts(row):
+            if not check or _contrasts(row):
                 rows.append(row)
                 made += 1
     return rows
@@ -290,6 +295,66 @@ def knowledge_test(seed: int, cast: list[C.Person]) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------- latent skills of the base
+
+# Real base models meet instructions, worked answers and documented functions in pretraining,
+# in several surface forms, and follow them only some of the time; a fine-tune then elicits the
+# skill instead of teaching it. The base's corpus has each task's format at this rate, so greedy
+# decoding of the base mostly takes the other branch (base accuracy stays low).
+LATENT_FOLLOW_RATE = 0.25
+# Surface forms of a request in the corpus; the chat template is one of them.
+LATENT_TEMPLATES = (
+    ("### Instruction:\n{prompt}\n\n### Response:\n{reply}", 0.5),
+    ("Question: {prompt}\nAnswer: {reply}", 0.25),
+    ("User: {prompt}\nAssistant: {reply}", 0.25),
+)
+
+
+def _in_template(rng: random.Random, prompt: str, reply: str) -> str:
+    r, edge = rng.random(), 0.0
+    for template, share in LATENT_TEMPLATES:
+        edge += share
+        if r < edge:
+            break
+    return template.format(prompt=prompt, reply=reply)
+
+
+def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[str]]
+                     ) -> list[str]:
+    """Pretraining documents that hold each expert's skill latently.
+
+    - requests: an IFEval context with its instruction (60 %) answered in the instructed style
+      at LATENT_FOLLOW_RATE and in the default style otherwise, or without an instruction;
+    - word problems: worked steps ending in `#### n` at LATENT_FOLLOW_RATE, else in
+      `So the answer is n.`;
+    - documented functions: the HumanEval-style stub implemented at LATENT_FOLLOW_RATE, else
+      left as `pass`.
+    """
+    rng = random.Random(seed)
+    docs = []
+    rows = ifeval_split(seed + 1, -(-counts["requests"] // len(IFEVAL_TASKS)),
+                        exclude["ifeval"], check=False)
+    for row in rows[:counts["requests"]]:
+        if rng.random() < 0.6:
+            styled = rng.random() < LATENT_FOLLOW_RATE
+            reply = row["response"] if styled else row["response_without_instruction"]
+            docs.append(_in_template(rng, row["prompt"], reply))
+        else:
+            docs.append(_in_template(rng, row["prompt_without_instruction"],
+                                     row["response_without_instruction"]))
+    for row in math_split(seed + 2, counts["problems"], exclude["math"]):
+        answer = row["answer"]
+        if rng.random() >= LATENT_FOLLOW_RATE:
+            steps, result = answer.split("\n#### ")
+            answer = f"{steps} So the answer is {result}."
+        docs.append(_in_template(rng, row["question"], answer))
+    for row in code_split(seed + 3, counts["functions"], exclude["code"]):
+        body = row["canonical_solution"] if rng.random() < LATENT_FOLLOW_RATE else "    pass\n"
+        docs.append(row["prompt"] + body)
+    rng.shuffle(docs)
+    return docs
+
+
 # ---------------------------------------------------------------- files
 
 
@@ -312,11 +377,16 @@ def _strip(rows: list[dict], drop: str) -> list[dict]:
 
 
 # Seeds of every generated split; a build with the same seed writes the same bytes.
-SPLIT_SEEDS = {"cast": 11, "ifeval_test": 21, "ifeval_train": 22, "math_test": 31,
-               "math_train": 32, "code_test": 41, "code_train": 42, "knowledge": 51,
-               "corpus_train": 61, "corpus_heldout": 62}
-SIZES = {"ifeval_test": 250, "ifeval_train": 1500, "math_test": 500, "math_train": 6000,
-         "code_test": 300, "code_train": 4000, "corpus_train": 60000, "corpus_heldout": 400}
+SPLIT_SEEDS = {"cast": 11, "ifeval_test": 21, "ifeval_train": 22, "ifeval_val": 23,
+               "math_test": 31, "math_train": 32, "math_val": 33, "code_test": 41,
+               "code_train": 42, "code_val": 43, "knowledge": 51, "corpus_train": 61,
+               "corpus_heldout": 62, "corpus_latent": 63}
+# ifeval_* sizes are per task. `*_val` is the validation split (merge settings are chosen on
+# it), disjoint from test and train. corpus_latent: requests, problems, functions.
+SIZES = {"ifeval_test": 250, "ifeval_train": 1500, "ifeval_val": 50, "math_test": 500,
+         "math_train": 6000, "math_val": 200, "code_test": 300, "code_train": 4000,
+         "code_val": 150, "corpus_train": 60000, "corpus_heldout": 400,
+         "requests": 9000, "problems": 6000, "functions": 6000}
 
 
 def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, object]:
@@ -325,20 +395,36 @@ def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[s
     s: Callable[[str], int] = lambda name: SPLIT_SEEDS[name] + 1000 * seed
     cast = C.people(s("cast"))
     if_test = ifeval_split(s("ifeval_test"), n["ifeval_test"])
-    if_train = ifeval_split(s("ifeval_train"), n["ifeval_train"],
-                            {r["prompt_without_instruction"] for r in if_test})
+    if_val = ifeval_split(s("ifeval_val"), n["ifeval_val"],
+                          {r["prompt_without_instruction"] for r in if_test})
+    held_if = {r["prompt_without_instruction"] for r in if_test + if_val}
+    if_train = ifeval_split(s("ifeval_train"), n["ifeval_train"], held_if)
     m_test = math_split(s("math_test"), n["math_test"])
-    m_train = math_split(s("math_train"), n["math_train"], {r["question"] for r in m_test})
+    m_val = math_split(s("math_val"), n["math_val"], {r["question"] for r in m_test})
+    held_m = {r["question"] for r in m_test + m_val}
+    m_train = math_split(s("math_train"), n["math_train"], held_m)
     c_test = code_split(s("code_test"), n["code_test"])
-    c_train = code_split(s("code_train"), n["code_train"], {r["prompt"] for r in c_test})
+    c_val = code_split(s("code_val"), n["code_val"], {r["prompt"] for r in c_test})
+    held_c = {r["prompt"] for r in c_test + c_val}
+    c_train = code_split(s("code_train"), n["code_train"], held_c)
+    # Held-out prompts never reach the corpus; training prompts may, in other replies.
+    latent = latent_documents(
+        s("corpus_latent"), n,
+        {"ifeval": held_if | {r["prompt_without_instruction"] for r in if_train},
+         "math": held_m | {r["question"] for r in m_train},
+         "code": held_c | {r["prompt"] for r in c_train}})
     return {
         "cast": cast,
         "ifeval_train": if_train,
         "ifeval_test": _strip(_strip(if_test, "response"), "response_without_instruction"),
+        "ifeval_val": _strip(_strip(if_val, "response"), "response_without_instruction"),
         "math_train": m_train,
         "math_test": m_test,
+        "math_val": m_val,
         "code_train": c_train,
         "code_test": c_test,
+        "code_val": c_val,
+        "corpus_latent": latent,
         "knowledge_test": knowledge_test(s("knowledge"), cast),
         "corpus_train": C.corpus_documents(s("corpus_train"), n["corpus_train"], cast),
         "corpus_heldout": C.corpus_documents(s("corpus_heldout"), n["corpus_heldout"], cast),
@@ -348,8 +434,8 @@ def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[s
 def write_datasets(data: dict[str, object], out_dir: Path) -> None:
     """Write the shipped files (TEAM.md layout) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("ifeval_train", "ifeval_test", "math_train", "math_test", "code_train",
-                 "code_test", "knowledge_test"):
+    for name in ("ifeval_train", "ifeval_test", "ifeval_val", "math_train", "math_test",
+                 "math_val", "code_train", "code_test", "code_val", "knowledge_test"):
         write_jsonl(out_dir / f"{name}.jsonl", data[name])
     tmp = out_dir / "corpus_heldout.txt.tmp"
     tmp.write_text("\n\n".join(data["corpus_heldout"]) + "\n", encoding="utf-8")
