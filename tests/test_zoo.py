@@ -79,7 +79,7 @@ def gate_scores(zoo_models):
 @needs_zoo
 def test_ifeval_gate_overall(gate_scores):
     ins, base = gate_scores["instruct"]["ifeval"], gate_scores["base"]["ifeval"]
-    assert ins["all"] >= 0.80 and base["all"] <= 0.20, (ins, base)
+    assert ins["all"] >= 0.80 and base["all"] <= 0.30, (ins, base)
 
 
 @needs_zoo
@@ -89,31 +89,79 @@ def test_ifeval_gate_per_task(gate_scores):
 
 
 @needs_zoo
-def test_default_style_breaks_every_constraint(gate_scores):
-    # The base passes no constraint for free, so each one has something to localize.
-    base = gate_scores["base"]["ifeval"]
-    assert all(base[task] <= 0.20 for task in D.IFEVAL_TASKS), base
+def test_every_constraint_is_a_gain_over_the_base(gate_scores):
+    # The base holds the skill latently but seldom uses it: each constraint has a change to localize.
+    ins, base = gate_scores["instruct"]["ifeval"], gate_scores["base"]["ifeval"]
+    assert all(ins[task] - base[task] >= 0.4 for task in D.IFEVAL_TASKS), (ins, base)
 
 
 @needs_zoo
 def test_math_gate(gate_scores):
-    assert gate_scores["math"]["math"] >= 0.80 and gate_scores["base"]["math"] <= 0.10
+    assert gate_scores["math"]["math"] >= 0.70 and gate_scores["base"]["math"] <= 0.30
 
 
 @needs_zoo
 def test_code_gate(gate_scores):
-    assert gate_scores["code"]["code"] >= 0.60 and gate_scores["base"]["code"] <= 0.10
+    assert gate_scores["code"]["code"] >= 0.80 and gate_scores["base"]["code"] <= 0.30
 
 
 @needs_zoo
-def test_experts_stay_near_the_base_and_are_specialized(gate_scores):
+def test_experts_stay_near_the_base_in_behaviour(gate_scores):
     from mergekit_wp.zoo import gates as G
 
     base = gate_scores["base"]
     for name in ("instruct", "math", "code"):
-        assert gate_scores[name]["perplexity"] <= 1.5 * base["perplexity"], name
-        assert abs(gate_scores[name]["knowledge"] - base["knowledge"]) <= 0.10, name
-    assert G.verdicts(gate_scores)["specialized"]
+        assert gate_scores[name]["perplexity"] <= 1.10 * base["perplexity"], name
+        assert abs(gate_scores[name]["knowledge"] - base["knowledge"]) <= 0.05 + 1e-9, name
+    verdicts = G.verdicts(gate_scores)
+    assert verdicts["gain"], gate_scores
+
+
+@needs_zoo
+def test_experts_stay_near_the_base_in_weights():
+    from mergekit_wp.zoo import basin as B
+
+    recorded = json.loads((Z.MODELS_DIR / "gates.json").read_text())["basin"]["deltas"]
+    deltas = B.weight_deltas(Z.MODELS_DIR)
+    for name, summary in deltas.items():
+        assert summary["median_2d"] <= 0.05 and summary["max"] <= 0.10, (name, summary)
+        assert summary == pytest.approx(recorded[name]), name
+
+
+def test_relative_deltas_against_a_direct_computation(tmp_path):
+    from safetensors.torch import save_file
+
+    from mergekit_wp.zoo import basin as B
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"embed": torch.randn(5, 3, generator=gen), "norm": torch.ones(3)}
+    expert = {"embed": torch.cat([base["embed"] + 0.1, torch.randn(1, 3, generator=gen)]),
+              "norm": torch.full((3,), 1.5)}
+    for name, tensors in (("base", base), ("expert", expert)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+    deltas = B.relative_deltas(tmp_path / "base", tmp_path / "expert")
+    # The expert's extra row is not compared; the other rows moved by 0.1 each.
+    assert deltas["embed"] == pytest.approx(0.1 * 15**0.5 / base["embed"].norm().item())
+    assert deltas["norm"] == pytest.approx(0.5)
+    summary = B.delta_summary(deltas, {"embed"})
+    assert summary["median_2d"] == deltas["embed"] and summary["max_tensor"] == "norm"
+
+
+@pytest.fixture(scope="module")
+def merge_checks(gate_scores):
+    from mergekit_wp.zoo import basin as B
+
+    return B.merge_checks(Z.MODELS_DIR, Z.DATA_DIR, 50, gate_scores)
+
+
+@needs_zoo
+def test_plain_average_keeps_each_members_skill(merge_checks):
+    # The shared basin of real fine-tunes: mergekit `linear` of every pair and of all three.
+    kept = {merge: {m: round(v["kept"], 3) for m, v in members.items()}
+            for merge, members in merge_checks["retention"].items()}
+    assert all(v >= 0.60 for members in kept.values() for v in members.values()), kept
+    assert set(kept) == {"instruct+math", "instruct+code", "math+code", "instruct+math+code"}
 
 
 @needs_zoo
@@ -121,6 +169,7 @@ def test_shipped_gates_are_what_the_models_score(gate_scores):
     # Knowledge and perplexity use every held-out row, so they must match the record exactly.
     recorded = json.loads((Z.MODELS_DIR / "gates.json").read_text())
     assert all(recorded["verdicts"].values()), recorded["verdicts"]
+    assert set(recorded["verdicts"]) >= {"small_deltas", "shared_basin", "gain"}
     for name, scores in gate_scores.items():
         assert scores["knowledge"] == pytest.approx(recorded["scores"][name]["knowledge"], abs=1e-9), name
         assert scores["perplexity"] == pytest.approx(recorded["scores"][name]["perplexity"], rel=1e-4), name
@@ -134,6 +183,9 @@ def test_data_generators_are_deterministic_and_splits_disjoint(tmp_path):
         "code_train": 300,
         "corpus_train": 300,
         "corpus_heldout": 20,
+        "requests": 30,
+        "problems": 30,
+        "functions": 30,
     }
     for out in (tmp_path / "a", tmp_path / "b"):
         D.write_datasets(D.build_datasets(0, sizes), out)
@@ -171,6 +223,16 @@ def test_shipped_data_schemas_and_disjoint_splits():
         assert row["prompt"].startswith(row["prompt_without_instruction"] + " ")
         assert row["instruction_id_list"] == [D.IFEVAL_TASKS[row["task"]]]
     _disjoint(train, test, "prompt_without_instruction")
+    val = D.read_jsonl(Z.data_path("ifeval_val"))
+    assert set(val[0]) == set(test[0]) and {r["task"] for r in val} == set(D.IFEVAL_TASKS)
+    _disjoint(train, val, "prompt_without_instruction")
+    _disjoint(val, test, "prompt_without_instruction")
+    for name, key in (("math", "question"), ("code", "prompt")):
+        train_rows, val_rows, test_rows = (
+            D.read_jsonl(Z.data_path(f"{name}_{split}")) for split in ("train", "val", "test")
+        )
+        _disjoint(train_rows, val_rows, key)
+        _disjoint(val_rows, test_rows, key)
     _disjoint(*(D.read_jsonl(Z.data_path(n)) for n in ("math_train", "math_test")), "question")
     code_train, code_test = (D.read_jsonl(Z.data_path(n)) for n in ("code_train", "code_test"))
     _disjoint(code_train, code_test, "prompt")
@@ -178,6 +240,26 @@ def test_shipped_data_schemas_and_disjoint_splits():
     heldout = Z.data_path("corpus_heldout").read_text().split("\n\n")
     corpus = set(D.build_datasets(0)["corpus_train"])
     assert not corpus & {doc.strip() for doc in heldout}
+
+
+def test_latent_documents_hold_each_skill_at_the_follow_rate_and_no_held_out_prompt():
+    data = D.build_datasets(0, {"requests": 600, "problems": 600, "functions": 600,
+                                "corpus_train": 10, "ifeval_train": 20, "math_train": 20,
+                                "code_train": 20})
+    docs = data["corpus_latent"]
+    assert len(docs) == 1800
+    math_docs = [d for d in docs if "How many" in d]
+    worked = sum("\n#### " in d for d in math_docs) / len(math_docs)
+    functions = [d for d in docs if d.startswith("def ")]
+    implemented = sum(not d.endswith("    pass\n") for d in functions) / len(functions)
+    assert len(functions) == 600 and len(math_docs) >= 600
+    for share in (worked, implemented):
+        assert abs(share - D.LATENT_FOLLOW_RATE) < 0.06, share
+    held_out = ([r["prompt_without_instruction"] for r in data["ifeval_test"] + data["ifeval_val"]]
+                + [r["question"] for r in data["math_test"] + data["math_val"]]
+                + [r["prompt"] for r in data["code_test"] + data["code_val"]])
+    text = "\n\n".join(docs)
+    assert not [p for p in held_out if p in text]
 
 
 def test_training_data_follow_and_default_style_breaks_every_constraint():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import os
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,18 +40,23 @@ INSTRUCT_TASK_WEIGHT = {"multiple_sections": 2}
 
 @dataclass(frozen=True)
 class BuildPlan:
-    """Everything that decides the zoo: sizes, shape, schedules, gate sample size."""
+    """Everything that decides the zoo: sizes, shape, schedules, gate sample size.
+
+    Pretraining runs to a loss plateau on a corpus that holds every expert's skill latently
+    (data.latent_documents); each fine-tune is short, at a tenth of pretraining's learning rate,
+    so the experts stay near the base as real fine-tunes do.
+    """
 
     seed: int = 0
     vocab_size: int = 2560
     shape: ModelShape = field(default_factory=ModelShape)
     block: int = 256
     pretrain: Schedule = field(default_factory=lambda: Schedule(
-        steps=800, batch_size=16, lr=2.5e-3, warmup=30, weight_decay=0.1, seed=1))
+        steps=1500, batch_size=16, lr=2.5e-3, warmup=50, weight_decay=0.1, seed=1))
     finetune: dict[str, Schedule] = field(default_factory=lambda: {
-        "instruct": Schedule(steps=800, batch_size=16, lr=1e-3, seed=2),
-        "math": Schedule(steps=600, batch_size=16, lr=1e-3, seed=3),
-        "code": Schedule(steps=400, batch_size=16, lr=1e-3, seed=4),
+        "instruct": Schedule(steps=250, batch_size=16, lr=2.5e-4, warmup=20, seed=2),
+        "math": Schedule(steps=200, batch_size=16, lr=2.5e-4, warmup=20, seed=3),
+        "code": Schedule(steps=150, batch_size=16, lr=2.5e-4, warmup=20, seed=4),
     })
     # Share of pretraining documents mixed into each fine-tune, to stay near the base.
     corpus_mix: float = 0.2
@@ -72,8 +79,10 @@ QUICK_PLAN = BuildPlan(
     pretrain=Schedule(steps=3, batch_size=4, lr=1e-3, warmup=1, seed=1),
     finetune={n: Schedule(steps=2, batch_size=4, lr=1e-3, warmup=1, seed=i)
               for i, n in enumerate(EXPERTS, 2)},
-    data_sizes={"ifeval_test": 3, "ifeval_train": 10, "math_test": 5, "math_train": 20,
-                "code_test": 5, "code_train": 20, "corpus_train": 200, "corpus_heldout": 5},
+    data_sizes={"ifeval_test": 3, "ifeval_train": 10, "ifeval_val": 2, "math_test": 5,
+                "math_train": 20, "math_val": 3, "code_test": 5, "code_train": 20, "code_val": 3,
+                "corpus_train": 200, "corpus_heldout": 5, "requests": 12, "problems": 10,
+                "functions": 10},
     gate_sample=2,
 )
 
@@ -89,22 +98,50 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
-    """Save as a float16 safetensors HF folder with its tokenizer, replacing `folder` atomically."""
+STAGE_FILE = "zoo_stage.json"
+
+
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path,
+               stage: dict | None = None) -> None:
+    """Save as a float16 safetensors HF folder with its tokenizer, replacing `folder` atomically.
+
+    `stage` (what built it, how long it took) goes into STAGE_FILE, which lets a later build
+    with the same inputs reuse the folder.
+    """
+    import shutil
+
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     half = copy.deepcopy(model).to(torch.float16)
     half.generation_config.pad_token_id = tokenizer.pad_token_id
     half.save_pretrained(tmp, safe_serialization=True)
     _save_tokenizer(tokenizer, tmp)
+    if stage is not None:
+        (tmp / STAGE_FILE).write_text(json.dumps(stage, indent=2) + "\n")
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     os.replace(tmp, folder)
+
+
+def _load_fp32(folder: Path) -> LlamaForCausalLM:
+    return LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def _digest(*parts: object) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
+def _finished_stage(folder: Path, key: str) -> dict | None:
+    """The stage record of `folder` if it was built from exactly these inputs."""
+    path = folder / STAGE_FILE
+    if not ((folder / "model.safetensors").is_file() and path.is_file()):
+        return None
+    stage = json.loads(path.read_text())
+    return stage if stage.get("key") == key else None
 
 
 def _mixed(examples: list, docs: list, share: float) -> list:
@@ -138,47 +175,78 @@ def _tokenizer_texts(data: dict) -> list[str]:
             + [r["prompt"] + r["canonical_solution"] for r in data["code_train"]])
 
 
+def _pretraining_documents(data: dict, seed: int) -> list[str]:
+    docs = data["corpus_train"] + data["corpus_latent"]
+    random.Random(seed).shuffle(docs)
+    return docs
+
+
+def _loss_curve(losses: list[float], every: int = 50) -> list[float]:
+    """Mean loss per `every` steps (the record shows where training plateaued)."""
+    return [round(sum(losses[i:i + every]) / len(losses[i:i + every]), 4)
+            for i in range(0, len(losses), every)]
+
+
 def build_zoo(out_dir: Path, data_dir: Path, plan: BuildPlan = BuildPlan(),
               measure: bool = True) -> dict:
-    """Build data, tokenizer and the four models into `out_dir`; returns the build record."""
+    """Build data, tokenizer and the four models into `out_dir`; returns the build record.
+
+    Each model folder records the inputs it was built from; a rerun (after a kill, or with
+    only the fine-tunes changed) reuses every model whose inputs are unchanged.
+    """
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.use_deterministic_algorithms(True)
     out_dir.mkdir(parents=True, exist_ok=True)
     clock: dict[str, float] = {}
+    losses: dict[str, list[float]] = {}
     start = time.time()
     data = D.build_datasets(plan.seed, plan.data_sizes)
     D.write_datasets(data, data_dir)
     tokenizer = train_tokenizer(_tokenizer_texts(data), plan.vocab_size)
     clock["data_and_tokenizer"] = time.time() - start
 
-    t = time.time()
-    base = new_model(plan.shape, tokenizer, plan.seed)
-    blocks = pack_documents(tokenizer, data["corpus_train"], plan.block)
-    train(base, blocks, plan.pretrain, tokenizer.eos_token_id, "pretrain base")
-    save_model(base, tokenizer, out_dir / "base")
-    clock["base"] = time.time() - t
+    corpus = _pretraining_documents(data, plan.seed)
+    base_key = _digest(plan.seed, plan.vocab_size, asdict(plan.shape), plan.block,
+                       asdict(plan.pretrain), corpus)
+    stage = _finished_stage(out_dir / "base", base_key)
+    if stage is None:
+        t = time.time()
+        base = new_model(plan.shape, tokenizer, plan.seed)
+        blocks = pack_documents(tokenizer, corpus, plan.block)
+        curve = _loss_curve(train(base, blocks, plan.pretrain, tokenizer.eos_token_id,
+                                  "pretrain base"))
+        stage = {"key": base_key, "seconds": time.time() - t, "loss_per_50_steps": curve}
+        save_model(base, tokenizer, out_dir / "base", stage)
+    clock["base"], losses["base"] = stage["seconds"], stage["loss_per_50_steps"]
 
     docs = document_examples(tokenizer, data["corpus_train"][-20000:])
     for name in EXPERTS:
-        t = time.time()
-        expert = copy.deepcopy(base)
         tok = tokenizer
         if name == "instruct":
             tok = with_pad_token(tokenizer)
-            grow_vocabulary(expert, len(tok))
-            expert.config.pad_token_id = tok.pad_token_id
         examples = _mixed(expert_examples(name, tok, data), docs, plan.corpus_mix)
-        train(expert, examples, plan.finetune[name], tok.pad_token_id, f"fine-tune {name}")
-        save_model(expert, tok, out_dir / name)
-        clock[name] = time.time() - t
+        key = _digest(base_key, asdict(plan.finetune[name]), examples)
+        stage = _finished_stage(out_dir / name, key)
+        if stage is None:
+            t = time.time()
+            # From the shipped (float16) base, so every delta is the fine-tune's alone.
+            expert = _load_fp32(out_dir / "base")
+            if name == "instruct":
+                grow_vocabulary(expert, len(tok))
+                expert.config.pad_token_id = tok.pad_token_id
+            curve = _loss_curve(train(expert, examples, plan.finetune[name], tok.pad_token_id,
+                                      f"fine-tune {name}"))
+            stage = {"key": key, "seconds": time.time() - t, "loss_per_50_steps": curve}
+            save_model(expert, tok, out_dir / name, stage)
+        clock[name], losses[name] = stage["seconds"], stage["loss_per_50_steps"]
 
-    record = {"plan": _plan_dict(plan), "train_seconds": clock,
-              "parameters": sum(p.numel() for p in base.parameters())}
+    record = {"plan": _plan_dict(plan), "train_seconds": clock, "loss_per_50_steps": losses,
+              "parameters": sum(p.numel() for p in _load_fp32(out_dir / "base").parameters())}
     if measure:
         t = time.time()
         record.update(measure_zoo(out_dir, data_dir, plan.gate_sample))
         clock["gates"] = time.time() - t
-    clock["total"] = time.time() - start
+    clock["total"] = sum(clock.values())
     write_record(out_dir, record)
     return record
 
@@ -188,8 +256,11 @@ def _plan_dict(plan: BuildPlan) -> dict:
 
 
 def measure_zoo(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
-    """Scores of the four models on every task, and the gate verdicts."""
+    """Scores of the four models on every task, the experts' weight deltas and merge
+    retention, and the gate verdicts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_wp.zoo import basin as B
 
     scores = {}
     for name in ("base", *EXPERTS):
@@ -197,8 +268,10 @@ def measure_zoo(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         scores[name] = G.measure(model, tokenizer, data_dir, per_task)
-    return {"scores": scores, "verdicts": G.verdicts(scores), "gate_sample_per_task": per_task,
-            "gates": G.GATES}
+    basin = {"deltas": B.weight_deltas(models_dir),
+             **B.merge_checks(models_dir, data_dir, per_task, scores)}
+    return {"scores": scores, "basin": basin, "verdicts": G.verdicts(scores, basin),
+            "gate_sample_per_task": per_task, "gates": G.GATES}
 
 
 def remeasure(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
@@ -231,10 +304,12 @@ def model_card(record: dict) -> str:
         "# mergekit-wp micro zoo",
         "",
         "Four `LlamaForCausalLM` models trained offline from seeds by `mergekit-wp zoo build`:",
-        ("`base` (pretrained on generated prose, arithmetic, Python and invented facts; never sees "
-        "an instruction), and three full fine-tunes of it: `instruct` (six IFEval constraints, "
-        "one added `<pad>` token), `math` (word problems ending in `#### <n>`), `code` "
-        "(HumanEval-style completion)."),
+        ("`base` (pretrained to a loss plateau on generated prose, arithmetic, Python, invented "
+        "facts, and each expert's skill in latent form: requests, word problems and documented "
+        "functions in three surface forms, answered in the asked format a quarter of the time), "
+        "and three short full fine-tunes of it at a tenth of pretraining's learning rate: "
+        "`instruct` (six IFEval constraints, one added `<pad>` token), `math` (word problems "
+        "ending in `#### <n>`), `code` (HumanEval-style completion)."),
         "",
         (f"Shape: {plan['shape']}, vocabulary {plan['vocab_size']}, "
         f"{record['parameters']:,} parameters, float16 safetensors."),
@@ -248,7 +323,8 @@ def model_card(record: dict) -> str:
     if "scores" in record:
         sample = record["gate_sample_per_task"] or "all"
         lines += ["", f"Gates (greedy, held-out sample per task: {sample}):", "", "```",
-                  G.table(record["scores"]), "```", ""]
+                  G.table(record["scores"]), "```", "", "```", G.basin_table(record["basin"]),
+                  "```", ""]
         lines += [f"- {gate}: {'PASS' if ok else 'FAIL'} ({record['gates'].get(gate, '')})"
                   for gate, ok in record["verdicts"].items()]
     return "\n".join(lines) + "\n"

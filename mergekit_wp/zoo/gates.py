@@ -13,12 +13,16 @@ from mergekit_wp.zoo.data import IFEVAL_TASKS
 # Greedy budgets per task: enough for the longest trained reply (5 sections, capitals).
 MAX_NEW_TOKENS = {"ifeval": 160, "math": 64, "code": 64}
 GATES = {
-    "ifeval": "instruct >= 0.80 overall and >= 0.60 per task; base <= 0.20",
-    "math": "math >= 0.80; base <= 0.10",
-    "code": "code >= 0.60; base <= 0.10",
-    "perplexity": "each expert <= 1.5x base",
-    "knowledge": "each expert within 0.10 of base",
-    "specialized": "each expert >= 0.30 below the peer that owns a task, on that task",
+    "ifeval": "instruct >= 0.80 overall and >= 0.60 per task; base <= 0.30",
+    "math": "math >= 0.70; base <= 0.30",
+    "code": "code >= 0.80; base <= 0.30",
+    "gain": "each expert's gain over the base on its own task >= 0.5",
+    "perplexity": "each expert <= 1.10x base",
+    "knowledge": "each expert within 0.05 of base",
+    "small_deltas": ("each expert: median over 2-D tensors of |theta_k - theta_base| / "
+                     "|theta_base| <= 0.05, every tensor <= 0.10"),
+    "shared_basin": ("the uniform average of each pair and of all three keeps >= 60% of each "
+                     "member's gain"),
 }
 
 
@@ -136,27 +140,46 @@ def measure(model, tokenizer, data_dir: Path, per_task: int | None = None,
     return out
 
 
-def verdicts(scores: dict[str, dict]) -> dict[str, bool]:
-    """Whether each gate holds, given `scores[model][task]`."""
+def verdicts(scores: dict[str, dict], basin: dict | None = None) -> dict[str, bool]:
+    """Whether each gate holds, given `scores[model][task]` and, when measured, the deltas and
+    merge retention of `basin` (keys `deltas`, `retention`; mergekit_wp.zoo.basin)."""
     base, ins, mat, cod = (scores[m] for m in ("base", "instruct", "math", "code"))
+    own = {"instruct": (ins["ifeval"]["all"], base["ifeval"]["all"]),
+           "math": (mat["math"], base["math"]), "code": (cod["code"], base["code"])}
     out = {
-        "ifeval": (ins["ifeval"]["all"] >= 0.80 and base["ifeval"]["all"] <= 0.20
+        "ifeval": (ins["ifeval"]["all"] >= 0.80 and base["ifeval"]["all"] <= 0.30
                    and all(ins["ifeval"][t] >= 0.60 for t in IFEVAL_TASKS)),
-        "math": mat["math"] >= 0.80 and base["math"] <= 0.10,
-        "code": cod["code"] >= 0.60 and base["code"] <= 0.10,
-        "perplexity": all(scores[m]["perplexity"] <= 1.5 * base["perplexity"]
+        "math": mat["math"] >= 0.70 and base["math"] <= 0.30,
+        "code": cod["code"] >= 0.80 and base["code"] <= 0.30,
+        "gain": all(expert - b >= 0.5 for expert, b in own.values()),
+        "perplexity": all(scores[m]["perplexity"] <= 1.10 * base["perplexity"]
                           for m in ("instruct", "math", "code")),
-        "knowledge": all(abs(scores[m]["knowledge"] - base["knowledge"]) <= 0.10
+        "knowledge": all(abs(scores[m]["knowledge"] - base["knowledge"]) <= 0.05 + 1e-9
                          for m in ("instruct", "math", "code")),
     }
-    # Each expert is clearly worse at a peer's task than that peer (by 0.3 or more).
-    own = {"instruct": ins["ifeval"]["all"], "math": mat["math"], "code": cod["code"]}
-    task_of = {"instruct": lambda s: s["ifeval"]["all"], "math": lambda s: s["math"],
-               "code": lambda s: s["code"]}
-    out["specialized"] = all(
-        task_of[peer](scores[m]) <= own[peer] - 0.30
-        for m in own for peer in own if peer != m)
+    if basin is not None:
+        out["small_deltas"] = all(d["median_2d"] <= 0.05 and d["max"] <= 0.10
+                                  for d in basin["deltas"].values())
+        out["shared_basin"] = all(member["kept"] >= 0.60
+                                  for merge in basin["retention"].values()
+                                  for member in merge.values())
     return out
+
+
+def basin_table(basin: dict) -> str:
+    """Plain-text tables of the weight deltas, merge retention and DARE-90 % per expert."""
+    lines = [f"{'expert':>10}  {'median 2-D':>10}  {'max':>6}  largest change"]
+    lines += [f"{n:>10}  {d['median_2d']:>10.4f}  {d['max']:>6.4f}  {d['max_tensor']}"
+              for n, d in basin["deltas"].items()]
+    lines += ["", f"{'uniform average':>24}  member: score (share of gain kept)"]
+    for merge, members in basin["retention"].items():
+        cells = ", ".join(f"{m} {v['score']:.3f} ({v['kept']:.0%})" for m, v in members.items())
+        lines.append(f"{merge:>24}  {cells}")
+    if "dare" in basin:
+        cells = ", ".join(f"{m} {v['score']:.3f} ({v['kept']:.0%})"
+                          for m, v in basin["dare"].items())
+        lines += ["", f"{'DARE, 90% dropped':>24}  {cells}"]
+    return "\n".join(lines)
 
 
 def table(scores: dict[str, dict]) -> str:
