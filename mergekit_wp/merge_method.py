@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from collections.abc import Hashable, Sequence
 from pathlib import Path
@@ -34,9 +35,20 @@ from mergekit.plan import MergePlanner
 from pydantic import AfterValidator, ValidationError
 
 from mergekit_wp.components import ModelShape, TensorRole, load_shape
+from mergekit_wp.paths import is_hub_id
 from mergekit_wp.scoremap import ScoreMap, ScoreMapError, read_score_map
 
 METHOD_NAME = "wp"
+log = logging.getLogger(__name__)
+
+
+class ScoreMapRejected(Exception):
+    """A score map refused while mergekit validates the `scores` parameter.
+
+    Not a ValueError on purpose: pydantic wraps a validator's ValueError in a ValidationError
+    whose first line names the validator; any other exception passes through unwrapped, so
+    plain `mergekit-yaml` ends with this message.
+    """
 
 
 # --- score maps: read once per process ----------------------------------------------------
@@ -57,14 +69,25 @@ def load_score_map(path: str | os.PathLike) -> ScoreMap:
 
 @functools.lru_cache(maxsize=64)
 def _read_cached(path: str, mtime_ns: int, size: int) -> ScoreMap:
-    return read_score_map(path)
+    scores = read_score_map(path)
+    if max(scores.heads.max().item(), scores.neurons.max().item()) <= 0:
+        # ReLU leaves nothing: the expert gets weight only where no expert scores above zero.
+        kind = "zero" if not (scores.heads.any() or scores.neurons.any()) else "at or below zero"
+        log.warning(
+            "score map %s: every score is %s, so wp gives this expert no component of its own "
+            "(it only shares the uniform average where no expert scores above zero)", path, kind
+        )
+    return scores
 
 
 def _checked_score_path(value: str) -> str:
     # Runs when mergekit plans each tensor, so a missing or malformed map fails before any
     # output exists; the resolved path keeps the kernel independent of the working directory.
     path = _resolved(value)
-    load_score_map(path)
+    try:
+        load_score_map(path)
+    except ScoreMapError as err:
+        raise ScoreMapRejected(str(err)) from None
     return str(path)
 
 
@@ -119,6 +142,48 @@ def check_score_map(path: str | os.PathLike, base: Hashable) -> ScoreMap:
     scores = load_score_map(path)
     scores.check_shape(model_shape(base), f"score map {path}")
     return scores
+
+
+def model_identity(reference: Hashable) -> tuple[str, str] | None:
+    """("hub", id) or ("folder", real path) of a model reference, so spellings of one model
+    compare equal; None when it names neither here (e.g. a folder of another machine)."""
+    text = str(reference.model.path if isinstance(reference, ModelReference) else reference)
+    if text.startswith("zoo:"):  # how scoring configs name the micro zoo
+        from mergekit_wp.scoring.config import resolve_model
+
+        try:
+            text = resolve_model(text)
+        except (FileNotFoundError, ValueError):
+            return None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        real = os.path.realpath(path)
+        cached = [p for p in Path(real).parts if p.startswith("models--")]  # the Hub's cache
+        return ("hub", cached[-1][len("models--") :].replace("--", "/")) if cached else ("folder", real)
+    return ("hub", text) if is_hub_id(text) else None
+
+
+@functools.lru_cache(maxsize=256)
+def check_score_models(path: str, base: Hashable, expert: Hashable) -> None:
+    """ScoreMapError if the map at `path` records another base or model than the recipe's.
+
+    A recorded name that cannot be resolved here (or a Hub id against a folder outside the
+    Hub's cache) cannot be compared: that is logged, not refused.
+    """
+    scores = load_score_map(path)
+    for role, recorded, given in (("base", scores.base_model, base), ("model", scores.model, expert)):
+        have, want = model_identity(recorded), model_identity(given)
+        if have is None or want is None or have[0] != want[0]:
+            log.warning(
+                "score map %s: cannot check that its %s %r is the recipe's %s", path, role,
+                recorded, given,
+            )
+        elif have != want:
+            raise ScoreMapError(
+                f"score map {path}: made for {role} {recorded!r}, but the recipe gives it to "
+                f"{'the base' if role == 'base' else 'the expert'} {given}; score that model, or "
+                "set `parameters: {ignore_score_metadata: true}` to merge it anyway"
+            )
 
 
 # --- fusion weights --------------------------------------------------------------------------
@@ -176,12 +241,17 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: torch.Tensor) ->
 
 
 # --- the method --------------------------------------------------------------------------------
-def _wp_kernel(group: TensorGroup, scores: PerNonBase[ScoreMapPath]) -> torch.Tensor:
+def _wp_kernel(
+    group: TensorGroup, scores: PerNonBase[ScoreMapPath], ignore_score_metadata: bool = False
+) -> torch.Tensor:
     """`θ = Σ_k α_k θ_k` for one tensor, α from each expert's score map (METHOD.md §8)."""
     experts = group.non_base
     # Every kernel call checks all of its experts' maps (cached), so a map that does not fit
-    # the base fails on the first tensor, before mergekit saves any.
+    # the base, or was made for another model, fails on the first tensor, before any is saved.
     maps = [check_score_map(scores[e.id], group.base.id) for e in experts]
+    if not ignore_score_metadata:
+        for e in experts:
+            check_score_models(scores[e.id], group.base.id, e.id)
     shape = model_shape(group.base.id)
     first = experts[0].tensor
     coefficients = tensor_coefficients(shape, group.metadata.name, maps, first.shape)
@@ -221,12 +291,14 @@ def check_wp_recipe(config: MergeConfiguration, options: MergeOptions | None = N
     """Plan a `wp` recipe without running it; raise ValueError naming the first bad input.
 
     Finds up front what would otherwise stop the merge midway: a missing base, experts of
-    another architecture, an unaligned larger vocabulary, a missing `scores` parameter, score
-    maps that are missing, malformed, non-finite or made for another shape.
+    another architecture, an unaligned larger vocabulary, a missing `scores` parameter, a
+    parameter wp does not use, score maps that are missing, malformed, non-finite, made for
+    another shape, or recorded for another base or expert.
     """
     options = options or MergeOptions()
     if config.merge_method != METHOD_NAME:
         return
+    check_wp_parameters(config)
     base = config.base_model
     if base is None:
         raise ValueError("wp needs a `base_model:` (the model every expert was fine-tuned from)")
@@ -244,17 +316,38 @@ def check_wp_recipe(config: MergeConfiguration, options: MergeOptions | None = N
         )
         # Planning only builds task objects; nothing is written until an executor runs them.
         tasks = planner.plan_to_disk(out_path=os.devnull)
-    except ValidationError as err:  # a `scores` value failed _checked_score_path
-        raise _first_cause(err) from err
+    except ScoreMapRejected as err:  # a `scores` value failed _checked_score_path
+        raise ScoreMapError(str(err)) from None
+    except ValidationError as err:  # another parameter's value, e.g. a non-boolean flag
+        first = err.errors()[0]
+        raise ValueError(f"wp: {first['msg']} (got {first['input']!r})") from None
     except RuntimeError as err:  # mergekit's own, e.g. "Missing required parameter scores"
         raise ValueError(str(err)) from err
     merges = [t.tensor_task for t in tasks if isinstance(t, SaveTensor)]
     for task in merges:
-        for params in task.input_parameters.values():
+        for model, params in task.input_parameters.items():
             if "scores" in params:
                 check_score_map(params["scores"], task.base_model)
+                if not task.parameters.get("ignore_score_metadata"):
+                    check_score_models(params["scores"], task.base_model, model)
 
 
-def _first_cause(err: ValidationError) -> Exception:
-    cause = err.errors()[0].get("ctx", {}).get("error")
-    return cause if isinstance(cause, Exception) else ValueError(str(err))
+def check_wp_parameters(config: MergeConfiguration) -> None:
+    """ValueError for a parameter `wp` does not take (`weight:`, `density:`, ...): mergekit
+    would ignore it without a word, and the merge would not be what the recipe says."""
+    known = {p.name for p in wp_merge.spec.parameters}
+    places = [("the recipe's `parameters`", config.parameters)]
+    places += [(f"model {m.model}", m.parameters) for m in config.models or []]
+    places += [
+        (f"model {source.model}", source.parameters)
+        for piece in config.slices or []
+        for source in piece.sources
+    ]
+    for where, parameters in places:
+        unknown = sorted(set(parameters or {}) - known)
+        if unknown:
+            raise ValueError(
+                f"wp: {where} sets {', '.join(unknown)}, which wp does not use (it takes "
+                f"{', '.join(sorted(known))}; the fusion weights come from the score maps); "
+                "remove it"
+            )
