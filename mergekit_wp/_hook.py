@@ -1,10 +1,10 @@
-"""Start-up hook: `wp` is registered as soon as mergekit's merge methods are imported.
+"""Start-up hook: `wp` and `widen` are registered as soon as mergekit's merge methods load.
 
 The wheel ships this file a second time as the top-level module `_mergekit_wp_hook`, which
 `mergekit_wp_hook.pth` imports at interpreter start-up; that is how plain `mergekit-yaml` finds
-`wp`. It uses the standard library only and imports mergekit_wp (hence torch and mergekit) only
-right after mergekit itself has imported `mergekit.merge_methods`. MERGEKIT_WP_NO_HOOK=1 turns
-it off.
+`wp` and `widen`. It uses the standard library only and imports mergekit_wp (hence torch and
+mergekit) only right after mergekit itself has imported `mergekit.merge_methods`.
+MERGEKIT_WP_NO_HOOK=1 turns it off.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ DISABLE_ENV = "MERGEKIT_WP_NO_HOOK"
 
 
 class _LoaderProxy:
-    """The real loader of TARGET, plus registration of `wp` once the module has run."""
+    """The real loader of TARGET, plus registration of `wp` and `widen` once the module has run."""
 
     def __init__(self, loader):
         self._loader = loader
@@ -53,13 +53,13 @@ class RegisterWpFinder:
 
 def _register() -> None:
     try:
-        # Importing the package registers `wp`. If the package is what is importing mergekit
-        # right now, this returns the half-built module and its own __init__ registers later.
+        # Importing the package registers `wp` and `widen`. If the package is what is importing
+        # mergekit right now, this returns the half-built module; its __init__ registers later.
         import mergekit_wp  # noqa: F401
     except Exception as err:  # noqa: BLE001 - a broken extension must not break mergekit
         import warnings
 
-        warnings.warn(f"mergekit-wp: could not register the `wp` merge method: {err!r}")
+        warnings.warn(f"mergekit-wp: could not register its merge methods: {err!r}")
 
 
 def _is_ours(finder: object) -> bool:
@@ -73,7 +73,7 @@ def installed() -> bool:
 
 
 def install() -> None:
-    """Arrange for `wp` to be registered when mergekit's merge methods load (idempotent)."""
+    """Arrange for `wp` and `widen` to be registered when mergekit's merge methods load."""
     if os.environ.get(DISABLE_ENV, "") not in ("", "0") or installed():
         return
     if TARGET in sys.modules:

@@ -23,6 +23,7 @@ from mergekit.io.tasks import LoaderCache, SaveTensor
 from mergekit.merge_methods import (
     BasePolicy,
     InputContract,
+    MergeMethod,
     PerNonBase,
     TensorGroup,
     merge_method,
@@ -281,10 +282,15 @@ _spec = merge_method(
 wp_merge = WPMergeMethod(_spec, _wp_kernel)
 
 
+def register_once(method: MergeMethod) -> None:
+    """Register `method` with mergekit unless a method of its name already is."""
+    if not any(m.spec.name == method.spec.name for m in registered_methods()):
+        register(method)
+
+
 def register_wp() -> None:
     """Register `wp` with mergekit (idempotent)."""
-    if not any(m.spec.name == METHOD_NAME for m in registered_methods()):
-        register(wp_merge)
+    register_once(wp_merge)
 
 
 def check_wp_recipe(config: MergeConfiguration, options: MergeOptions | None = None) -> None:
