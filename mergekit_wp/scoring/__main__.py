@@ -1,6 +1,6 @@
 """`python -m mergekit_wp.scoring CONFIG`: the `score` command, for launchers that take a module.
 
-    torchrun --nproc_per_node 4 -m mergekit_wp.scoring scoring/llama-3.2-3b-instruct.yml
+    torchrun --nproc_per_node 4 -m mergekit_wp.scoring scoring/paper/llama-3.2-3b-instruct.yml
     accelerate launch --num_processes 4 -m mergekit_wp.scoring scoring/zoo-instruct.yml
 """
 
