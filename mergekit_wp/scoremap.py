@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape
+from mergekit_wp.paths import file_mode
 
 FORMAT = "mergekit-wp/score-map"
 VERSION = "1"
@@ -124,18 +125,12 @@ def write_score_map(path: str | os.PathLike, scores: ScoreMap) -> Path:
     try:
         save_file(tensors, tmp, metadata=metadata)
         Path(tmp).write_bytes(_canonical(Path(tmp).read_bytes()))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the map normal permissions
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the map normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _canonical(blob: bytes) -> bytes:

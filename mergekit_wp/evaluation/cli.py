@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import click
@@ -27,6 +28,26 @@ def _limit(value: str | None) -> int | float | None:
     return int(number) if number >= 1 and number.is_integer() else number
 
 
+def _checked_limit(ctx: click.Context, param: click.Parameter, value: str | None):
+    """--limit, checked while the options are parsed: before any model or task is loaded."""
+    try:
+        number = float(value) if value is not None else None
+    except ValueError:
+        number = float("nan")
+    if number is not None and not (0 < number < 1 or (number >= 1 and number.is_integer())):
+        raise click.BadParameter(
+            f"{value!r} is neither a count of examples per task (a whole number >= 1) nor a "
+            "fraction of each task (between 0 and 1)"
+        )
+    return _limit(value)
+
+
+def default_out_dir(reference: str, suite: str) -> Path:
+    """`out/eval/<model name>-<hash>-<suite>`: two models of one name get two folders."""
+    digest = hashlib.sha256(reference.encode("utf-8")).hexdigest()[:8]
+    return Path("out/eval") / f"{Path(reference).name}-{digest}-{suite}"
+
+
 @click.command("eval")
 @click.argument("model")
 @click.option(
@@ -39,10 +60,13 @@ def _limit(value: str | None) -> int | float | None:
     "--out",
     "out_dir",
     type=click.Path(path_type=Path),
-    help="Folder for results.json and summary.csv [default: out/eval/<model>-<suite>].",
+    help="Folder for results.json and summary.csv "
+    "[default: out/eval/<model>-<hash of its path>-<suite>].",
 )
 @click.option(
-    "--limit", help="Examples per task (an int) or a fraction (0.1), as lm-eval's --limit."
+    "--limit",
+    callback=_checked_limit,
+    help="Examples per task (an int) or a fraction (0.1), as lm-eval's --limit.",
 )
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @click.option("--batch-size", help="Batch size (int or 'auto'); default from the suite.")
@@ -79,16 +103,17 @@ def eval_command(
     """Evaluate MODEL (folder or hub id) on an lm-eval suite; write results and a summary row."""
     from mergekit_wp.evaluation.runner import evaluate_model
     from mergekit_wp.evaluation.suites import load_suite
+    from mergekit_wp.paths import check_model
 
     try:
         loaded = load_suite(suite)
-        out_dir = out_dir or Path("out/eval") / f"{Path(model).name}-{loaded.name}"
+        out_dir = out_dir or default_out_dir(check_model(model), loaded.name)
         size = int(batch_size) if batch_size and batch_size.isdigit() else batch_size
         report = evaluate_model(
             model,
             loaded,
             out_dir,
-            limit=_limit(limit),
+            limit=limit,
             backend=backend,
             batch_size=size,
             model_args=_parse_pairs(model_args, "--model-args"),
@@ -98,7 +123,7 @@ def eval_command(
             log_samples=log_samples,
             threads=threads,
         )
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: e.g. a Hub id that cannot be fetched offline
         raise click.ClickException(str(err)) from None
     click.echo(report.summary_path.read_text(), nl=False)
     click.echo(

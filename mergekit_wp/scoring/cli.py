@@ -7,7 +7,9 @@ import click
 
 @click.command("score")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", default=None, help="Output folder (overrides the config's `output`).")
+@click.option("--output", "-o", default=None,
+              help="Output folder (overrides the config's `output`; an anchor file kept under "
+                   "the config's output folder is read and written under this one).")
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (overrides the config).")
 @click.option("--dtype", default=None, help="float32, bfloat16, float16 or float64 (overrides the config).")
 @click.option("--restart", is_flag=True, help="Drop saved partial results instead of resuming.")
@@ -15,7 +17,7 @@ def score(config: str, output: str | None, device: str | None, dtype: str | None
     """Score a specialized model's heads and neurons against its base (WP, WP-attr, AP, AP-attr)."""
     import yaml
 
-    from mergekit_wp.scoring.config import parse_config
+    from mergekit_wp.scoring.config import parse_config, with_output
     from mergekit_wp.scoring.pipeline import score as run
 
     try:
@@ -24,11 +26,11 @@ def score(config: str, output: str | None, device: str | None, dtype: str | None
     except (OSError, yaml.YAMLError) as err:
         raise click.UsageError(f"cannot read scoring config {config}: {err}") from None
     if isinstance(data, dict):
-        overrides = {"output": output, "device": device, "dtype": dtype}
-        data |= {k: v for k, v in overrides.items() if v is not None}
+        data |= {k: v for k, v in {"device": device, "dtype": dtype}.items() if v is not None}
+        data = with_output(data, output) if output else data
     try:
         result = run(parse_config(data, config), restart=restart)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: e.g. a Hub id that cannot be fetched offline
         raise click.UsageError(str(err)) from None
     if result.report_path is None:
         return  # not rank 0 of a data-parallel run

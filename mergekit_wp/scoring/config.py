@@ -137,6 +137,19 @@ def load_config(path: str | Path) -> ScoringConfig:
     return parse_config(data, str(path))
 
 
+def with_output(data: dict, output: str) -> dict:
+    """A config mapping written to `output` instead; an anchor file kept under the old output
+    folder moves with it, so a run elsewhere neither reads nor overwrites the old anchor."""
+    utility = data.get("utility")
+    anchor = utility.get("anchor") if isinstance(utility, dict) else None
+    if anchor and data.get("output"):
+        old = Path(str(data["output"])).absolute()
+        if Path(anchor).absolute().is_relative_to(old):
+            moved = Path(output) / Path(anchor).absolute().relative_to(old)
+            data = data | {"utility": utility | {"anchor": str(moved)}}
+    return data | {"output": output}
+
+
 def resolve_model(reference: str) -> str:
     """A folder or hub id for `zoo:NAME` (mergekit_wp.zoo.model_path) or a plain reference."""
     if reference.startswith("zoo:"):

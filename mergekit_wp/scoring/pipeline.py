@@ -7,13 +7,15 @@ to a per-rank state file, so a killed run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import fcntl
 import hashlib
 import logging
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -25,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mergekit_wp.components import ModelShape
+from mergekit_wp.paths import check_model, check_output_dir, check_weights
 from mergekit_wp.scoremap import ScoreMap
 from mergekit_wp.scoring.attribution import empty_parts, gradient_pass
 from mergekit_wp.scoring.config import ScoringConfig, UtilityConfig, resolve_model
@@ -204,8 +207,10 @@ def _peak_bytes(device: str) -> int:
 class _Scorer:
     """One run: shared models, batches and state; a phase per family of methods."""
 
-    def __init__(self, config: ScoringConfig, on_unit: Callable[[str], None] | None, restart: bool) -> None:
+    def __init__(self, config: ScoringConfig, on_unit: Callable[[str], None] | None, restart: bool,
+                 stage: str | None = None) -> None:
         self.config, self.on_unit = config, on_unit
+        self.label = f"scoring {stage}" if stage else "scoring"  # progress bars of a stitched run
         if config.threads:
             torch.set_num_threads(config.threads)
         self.group = _Group(config.device)
@@ -276,7 +281,7 @@ class _Scorer:
         if not methods:
             return
         start = time.perf_counter()
-        for b in tqdm(self.mine, desc="scoring: gradient pass", disable=self.group.rank != 0):
+        for b in tqdm(self.mine, desc=f"{self.label}: gradient pass", disable=self.group.rank != 0):
             unit = f"grad/{b}"
             if unit in self.state.done:
                 continue
@@ -319,7 +324,7 @@ class _Scorer:
 
     def exact_phase(self, method: str, plans: dict[str, dict[int, list[int]]]) -> None:
         start = time.perf_counter()
-        for b in tqdm(self.mine, desc=f"scoring: exact {method}", disable=self.group.rank != 0):
+        for b in tqdm(self.mine, desc=f"{self.label}: exact {method}", disable=self.group.rank != 0):
             todo = [(u, l) for u, plan in plans.items() for l in plan if f"{method}/{b}/{u}/{l}" not in self.state.done]
             if not todo:
                 continue
@@ -348,7 +353,46 @@ def score(config: ScoringConfig, on_unit: Callable[[str], None] | None = None,
 
     With `utility.downstream`, two runs (anchor utility in `<output>/upstream`, KL utility in
     `<output>/downstream`, each resumable) are stitched at l_a into the maps in `<output>`.
+    The models and the output folder are checked first; the output folder is locked for the run.
     """
+    for reference in (config.base, config.model):
+        check_weights(check_model(resolve_model(reference)))
+    check_output_dir(config.output_dir())
+    with output_lock(config.output_dir()):
+        return _score_stages(config, on_unit, restart)
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path) -> Iterator[None]:
+    """Hold `<folder>/.lock` (rank 0): a second run on the folder fails at once, naming the first.
+
+    Two runs on one folder would interleave their resume state and the last writer would win.
+    The lock is the kernel's (flock), so it is released when its holder dies, even by kill -9.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: rank 0 holds it for the launch
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"output folder {folder} is in use by another scoring run (pid {holder}, lock "
+                f"file {path}); wait for it to finish, or give this run another output"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+def _score_stages(config: ScoringConfig, on_unit: Callable[[str], None] | None,
+                  restart: bool) -> ScoreRun:
     if config.utility.downstream is None:
         return _score_one(config, on_unit, restart)
     from mergekit_wp.scoring.report import write_stitched
@@ -356,20 +400,21 @@ def score(config: ScoringConfig, on_unit: Callable[[str], None] | None = None,
     out = config.output_dir()
     upstream = _score_one(config.model_copy(update={
         "output": str(out / "upstream"), "utility": config.utility.model_copy(update={"downstream": None}),
-    }), on_unit, restart)
+    }), on_unit, restart, "upstream")
     downstream = _score_one(config.model_copy(update={
         "output": str(out / "downstream"), "utility": UtilityConfig(kind=config.utility.downstream),
-    }), on_unit, restart)
+    }), on_unit, restart, "downstream")
     if upstream.report_path is None:
         return upstream  # not rank 0 of a data-parallel run
     return write_stitched(config, upstream, downstream)
 
 
-def _score_one(config: ScoringConfig, on_unit: Callable[[str], None] | None, restart: bool) -> ScoreRun:
+def _score_one(config: ScoringConfig, on_unit: Callable[[str], None] | None, restart: bool,
+               stage: str | None = None) -> ScoreRun:
     from mergekit_wp.scoring.report import write_outputs
 
     started = time.perf_counter()
-    scorer = _Scorer(config, on_unit, restart)
+    scorer = _Scorer(config, on_unit, restart, stage)
     if scorer.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     scorer.gradient_phase()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from itertools import pairwise
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mergekit_wp.paths import atomic_write_text
 from mergekit_wp.scoremap import ScoreMap, write_score_map
 from mergekit_wp.scoring.config import ScoringConfig
 
@@ -74,11 +73,7 @@ def heatmaps(scores: ScoreMap, stem: Path) -> list[Path]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _write_maps(out: Path, maps: dict[str, ScoreMap], top_k: int) -> tuple[dict, list[Path], dict]:
