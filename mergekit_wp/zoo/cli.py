@@ -16,10 +16,13 @@ def zoo() -> None:
 
 
 @zoo.command()
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Models folder (default: the packaged zoo).")
-@click.option("--data-out", type=click.Path(path_type=Path), default=None,
-              help="Data folder (default: the packaged data, or OUT/data with --out).")
+# --out is required: the packaged zoo is tracked, and a build without a folder would replace it.
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Models folder (required; name the packaged zoo, mergekit_wp/zoo/models, "
+                   "to rebuild it).")
+@click.option("--data-out", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Data folder (default: OUT/data, or the packaged data when OUT is the "
+                   "packaged zoo).")
 @click.option("--quick", is_flag=True, help="Tiny smoke build: a few steps, tiny models.")
 @click.option("--scale", type=float, default=1.0,
               help="Multiply every training stage's steps (budget trade-off; 1 = the plan).")
@@ -28,7 +31,7 @@ def zoo() -> None:
               help="Only re-measure the gates of the models already in OUT.")
 @click.option("--gate-sample", type=int, default=None,
               help="Held-out prompts per task for the gates; 0 = all (default: the plan's).")
-def build(out: Path | None, data_out: Path | None, quick: bool, scale: float, no_gates: bool,
+def build(out: Path, data_out: Path | None, quick: bool, scale: float, no_gates: bool,
           gates_only: bool, gate_sample: int | None) -> None:
     """Rebuild the zoo from seeds on CPU and measure its gates."""
     import dataclasses
@@ -41,8 +44,9 @@ def build(out: Path | None, data_out: Path | None, quick: bool, scale: float, no
         plan = plan.scaled(scale)
     if gate_sample is not None:
         plan = dataclasses.replace(plan, gate_sample=gate_sample or None)
-    models = out or Z.MODELS_DIR
-    data = data_out or (models / "data" if out else Z.DATA_DIR)
+    models = out
+    packaged = models.resolve() == Z.MODELS_DIR.resolve()
+    data = data_out or (Z.DATA_DIR if packaged else models / "data")
     if gates_only:
         if not (models / "gates.json").exists():
             raise click.UsageError(f"{models / 'gates.json'} is missing; build the zoo first")
