@@ -148,7 +148,7 @@ def bench(bench_file, methods, combinations, limit, out) -> None:
             bench_file,
             methods=methods,
             combinations=combinations,
-            limit=limit,  # checked by load_bench before any work
+            limit=_limit(limit),
             out=out and out.resolve(),
         )
     except ValueError as err:
@@ -173,11 +173,11 @@ def _print_result(result) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: out/demo].")
 def demo(limit, out) -> None:
     """Offline, on the micro zoo: score, merge the 4 combinations with every method, evaluate."""
-    from mergekit_wp.evaluation.demo import run_demo
+    from mergekit_wp.evaluation.demo import DEMO_LIMIT, run_demo
 
     click.echo(
-        "demo: score the zoo's experts, merge 4 combinations x the methods of evals/bench-zoo.yml's "
-        "`demo:`, evaluate the micro suite on the first examples of each task"
+        f"demo: score the zoo's experts, merge 4 combinations x every method, evaluate the "
+        f"micro suite on the first {limit or DEMO_LIMIT} examples of each task"
     )
     try:
         result = run_demo(limit=limit, out=out)
