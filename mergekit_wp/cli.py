@@ -10,6 +10,7 @@ import click
 _COMMANDS = {
     "merge": "mergekit_wp.merge_cli:merge",
     "zoo": "mergekit_wp.zoo.cli:zoo",
+    "data": "mergekit_wp.prompts.cli:data",
     "score": "mergekit_wp.scoring.cli:score",
     "inspect": "mergekit_wp.scoring.cli:inspect",
     "eval": "mergekit_wp.evaluation.cli:eval_command",

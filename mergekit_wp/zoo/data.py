@@ -52,10 +52,9 @@ def _kwargs_for(task: str, rng: random.Random) -> dict:
 
 def _description(instruction_id: str, kwargs: dict, seed: int) -> str:
     """IFEval's own wording for the instruction (lm-eval's `build_description`)."""
-    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+    from mergekit_wp.prompts.ifeval import describe_instruction
 
-    random.seed(seed)  # build_description may draw from the global generator
-    return INSTRUCTION_DICT[instruction_id](instruction_id).build_description(**kwargs)
+    return describe_instruction(instruction_id, seed, **kwargs)[0]
 
 
 def _styled(task: str, kwargs: dict, sents: list[str], title: str) -> str:
