@@ -37,6 +37,15 @@ def check_model(model: str | os.PathLike) -> str:
             )
         return str(path.resolve())
     if is_hub_id(str(model)):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE and not isinstance(
+            try_to_load_from_cache(str(model), "config.json"), str
+        ):
+            raise ValueError(
+                f"model {model}: no such folder, and not in the Hugging Face cache "
+                "(HF_HUB_OFFLINE is set, so it cannot be downloaded)"
+            )
         return str(model)  # the Hub (or its local cache) serves it
     raise ValueError(f"model {model}: no such folder, and not a Hugging Face Hub id (owner/name)")
 
