@@ -289,6 +289,9 @@ def test_split_is_disjoint_deterministic_and_stratified(tmp_path):
     for task in ("english_capital", "no_comma"):
         assert sum(e.task == task for e in extraction) in (3, 4)
         assert sum(e.task == task for e in evaluation) in (3, 4)
+    # Any prefix (max_examples, sweep_examples) covers the tasks in turn, not the first alone.
+    for half in (extraction, evaluation):
+        assert {e.task for e in half[:2]} == {"english_capital", "no_comma"}
 
 
 def test_load_domain_gsm8k_and_humaneval(tmp_path):

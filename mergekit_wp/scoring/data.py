@@ -153,23 +153,31 @@ def load_paired(
     return examples
 
 
+def _round_robin(groups: list[list[PairedExample]]) -> list[PairedExample]:
+    return [g[i] for i in range(max(map(len, groups), default=0)) for g in groups if i < len(g)]
+
+
 def split_paired(
     examples: list[PairedExample], seed: int = 0, extraction_fraction: float = 0.5
 ) -> tuple[list[PairedExample], list[PairedExample]]:
-    """Disjoint (extraction, evaluation) halves, shuffled with `seed`, stratified by task."""
+    """Disjoint (extraction, evaluation) halves, shuffled with `seed`, stratified by task.
+
+    Each half takes the tasks in turn, so that any prefix (`max_examples`, `sweep_examples`)
+    covers every task evenly rather than the first task alone.
+    """
     if not 0 < extraction_fraction < 1:
         raise ValueError(f"extraction_fraction must be in (0, 1); got {extraction_fraction}")
-    extraction: list[PairedExample] = []
-    evaluation: list[PairedExample] = []
+    extraction: list[list[PairedExample]] = []
+    evaluation: list[list[PairedExample]] = []
     for task in sorted({e.task for e in examples}):
         group = [e for e in examples if e.task == task]
         random.Random(f"{seed}:{task}").shuffle(group)
         cut = round(len(group) * extraction_fraction)
         if len(group) >= 2:
             cut = min(max(cut, 1), len(group) - 1)  # both halves non-empty
-        extraction += group[:cut]
-        evaluation += group[cut:]
-    return extraction, evaluation
+        extraction.append(group[:cut])
+        evaluation.append(group[cut:])
+    return _round_robin(extraction), _round_robin(evaluation)
 
 
 def load_domain(source: str | Path, split: str = "train") -> list[DomainExample]:
