@@ -1,39 +1,40 @@
-"""recipes/: the paper's grid and the zoo's, parsed by mergekit's own configuration model."""
+"""recipes/: plain mergekit YAML, generated from one declaration, that `mergekit-yaml` runs as it
+is from the checkout's root."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mergekit.config import MergeConfiguration
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from mergekit_wp.evaluation.bench import COMBINATIONS, METHODS, load_bench
-from mergekit_wp.evaluation.recipes import main as render_main
-from mergekit_wp.evaluation.recipes import read_recipe, render_recipe, score_paths
+from mergekit_wp.evaluation.bench import COMBINATIONS, load_bench, merge_one
+from mergekit_wp.evaluation.recipe_grid import GRIDS, METHODS, write_recipes
+from mergekit_wp.evaluation.recipes import (
+    contract_problem,
+    read_recipe,
+    render_recipe,
+    score_paths,
+)
 from mergekit_wp.scoring.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERTS = {
-    "paper": {
-        "base": "meta-llama/Llama-2-13b-hf",
-        "instruction": "WizardLMTeam/WizardLM-13B-V1.2",
-        "math": "WizardLMTeam/WizardMath-13B-V1.0",
-        "code": "layoric/llama-2-13b-code-alpaca",
-    },
-    "zoo": {
-        "base": "zoo:base",
-        "instruction": "zoo:instruct",
-        "math": "zoo:math",
-        "code": "zoo:code",
-    },
-}
-DTYPE = {"paper": "float16", "zoo": "float32"}
-MERGEKIT_METHOD = {"wp_attr": "wp"}
-SPARSE = ("ties", "dare_linear", "dare_ties")
 RECIPES = sorted(p for p in (ROOT / "recipes").glob("*/*/*.yml") if "+" in p.parent.name)
-SCORING_CONFIGS = sorted((ROOT / "scoring").glob("*.yml")) + sorted(
-    (ROOT / "recipes").glob("*/scoring/*.yml")
+SCORING_CONFIGS = sorted((ROOT / "scoring").rglob("*.yml"))
+SPARSE = (
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
 )
 
 
@@ -49,47 +50,64 @@ def _score_producers() -> dict[Path, Path]:
     return out
 
 
-def test_grids_are_complete():
-    for grid in EXPERTS:
-        have = {
-            p.relative_to(ROOT / "recipes" / grid).as_posix()
-            for p in RECIPES
-            if p.is_relative_to(ROOT / "recipes" / grid)
-        }
-        want = {f"{c}/{m}.yml" for c in COMBINATIONS for m in METHODS}
-        assert have == want, (
-            f"recipes/{grid}: missing {sorted(want - have)}, extra {sorted(have - want)}"
-        )
+def test_shipped_recipes_are_the_generated_ones(tmp_path):
+    assert write_recipes(ROOT / "recipes", check=True) == [], (
+        "recipes/ differs from mergekit_wp.evaluation.recipe_grid: run "
+        "`python -m mergekit_wp.evaluation.recipe_grid`"
+    )
+    written = write_recipes(tmp_path)
+    assert sorted(p.relative_to(tmp_path) for p in written) == [
+        p.relative_to(ROOT / "recipes") for p in RECIPES
+    ]
+
+
+def test_every_method_that_fits_has_a_recipe_and_the_rest_have_mergekits_reason():
+    for grid in GRIDS:
+        for combination in COMBINATIONS:
+            have = {p.stem for p in (ROOT / "recipes" / grid / combination).glob("*.yml")}
+            experts = combination.count("+") + 1
+            assert have == set(METHODS) - ({"nuslerp"} if experts == 3 else set())
+    assert contract_problem("nuslerp", 3, with_base=True) == (
+        "Merge method requires exactly 2 non-base inputs; got 3"
+    )
+    assert contract_problem("nuslerp", 2, with_base=True) is None
+    assert contract_problem("model_stock", 2, with_base=True) is None  # base + 2: its minimum
+    assert contract_problem("not_a_method", 2, with_base=True) is None  # cannot be asked
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
-def test_recipe_is_a_mergekit_configuration(path: Path):
-    grid, combination, method = path.relative_to(ROOT / "recipes").with_suffix("").parts
+def test_recipe_is_plain_mergekit_yaml(path: Path):
+    grid_name, combination, method = path.relative_to(ROOT / "recipes").with_suffix("").parts
+    grid = GRIDS[grid_name]
     raw = read_recipe(path)  # MergeConfiguration.model_validate: no download
     config = MergeConfiguration.model_validate(raw)
-    names = EXPERTS[grid]
-    assert config.merge_method == MERGEKIT_METHOD.get(method, method)
-    expected = sorted(names[e] for e in combination.split("+"))
-    assert config.dtype == DTYPE[grid]
-    assert str(config.base_model) == names["base"] and config.tokenizer_source == "base"
-    experts = [m for m in config.models if str(m.model) != names["base"]]
+    assert config.merge_method == METHODS[method].merge_method
+    assert config.dtype == grid.dtype
+    experts = sorted(grid.experts[e] for e in combination.split("+"))
+    models = [str(m.model) for m in config.models]
+    if method == "karcher":  # averages every input: the base gives only its tokenizer
+        assert config.base_model is None and str(config.tokenizer_source) == grid.base
+    else:
+        assert str(config.base_model) == grid.base and config.tokenizer_source == "base"
     if method == "linear":  # the base is an input only for its config: weight 0, no say
-        (base,) = [m for m in config.models if str(m.model) == names["base"]]
-        assert base.parameters == {"weight": 0.0}
-    assert sorted(str(m.model) for m in experts) == expected
-    for model in experts:
-        params = model.parameters or {}
+        assert raw["models"][0] == {"model": grid.base, "parameters": {"weight": 0.0}}
+        models = models[1:]
+    assert sorted(models) == experts
+    for reference in [*models, grid.base]:
+        # Local models are folders relative to the checkout's root, as mergekit-yaml sees them.
+        assert (ROOT / reference).is_dir() if grid_name == "zoo" else "/" in reference
+    for model in raw["models"][-len(experts) :]:
+        params = model.get("parameters") or {}
         if method in SPARSE:
             assert 0 < params["density"] < 1
         if method.startswith("wp"):
             assert set(params) == {"scores"}
-        else:
-            assert params["weight"] == 1.0
+    assert "zoo:" not in path.read_text()
 
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in RECIPES if p.parent.parent.name in EXPERTS and p.stem in ("wp", "wp_attr")],
+    [p for p in RECIPES if p.stem in ("wp", "wp_attr")],
     ids=lambda p: p.relative_to(ROOT / "recipes").as_posix(),
 )
 def test_wp_recipe_names_its_score_maps_or_their_producer(path: Path):
@@ -112,36 +130,55 @@ def test_wp_recipe_names_its_score_maps_or_their_producer(path: Path):
     }, "the bench must list the scoring configs its recipes need"
 
 
-def test_render_makes_zoo_references_and_score_paths_absolute(tmp_path, monkeypatch):
-    from mergekit_wp import zoo
-
+def test_render_resolves_relative_paths_against_the_root(tmp_path):
     for name in ("base", "code", "math"):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-        (tmp_path / name / "model.safetensors").write_bytes(b"")
-    monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)
-    raw = read_recipe(ROOT / "recipes/zoo/code+math/wp_attr.yml")
-    rendered = render_recipe(raw, ROOT)
-    assert rendered["base_model"] == str(tmp_path / "base")
-    assert [m["model"] for m in rendered["models"]] == [
-        str(tmp_path / "code"),
-        str(tmp_path / "math"),
-    ]
-    for model, original in zip(rendered["models"], raw["models"]):
-        assert model["parameters"]["scores"] == str(ROOT / original["parameters"]["scores"])
-    MergeConfiguration.model_validate(rendered)
-    assert raw["base_model"] == "zoo:base"  # the source recipe is left as it was
-
-
-def test_render_refuses_missing_models(tmp_path, monkeypatch, capsys):
-    from mergekit_wp import zoo
-
-    monkeypatch.setattr(zoo, "MODELS_DIR", tmp_path)  # an empty zoo
-    assert render_main([str(ROOT / "recipes/zoo/code+math/ties.yml"), str(ROOT)]) == 1
-    assert "zoo model 'base' is not built" in capsys.readouterr().err
+        (tmp_path / "m" / name).mkdir(parents=True)
+        (tmp_path / "m" / name / "config.json").write_text("{}")
+        (tmp_path / "m" / name / "model.safetensors").write_bytes(b"")
     recipe = tmp_path / "r.yml"
+    recipe.write_text(
+        "merge_method: wp\nbase_model: m/base\nmodels:\n"
+        "  - model: m/code\n    parameters: {scores: out/code.safetensors}\n"
+        "  - model: m/math\n    parameters: {scores: out/math.safetensors}\n"
+    )
+    raw = read_recipe(recipe)
+    rendered = render_recipe(raw, tmp_path)
+    assert rendered["base_model"] == str(tmp_path / "m" / "base")
+    assert [m["model"] for m in rendered["models"]] == [
+        str(tmp_path / "m" / n) for n in ("code", "math")
+    ]
+    assert [m["parameters"]["scores"] for m in rendered["models"]] == [
+        str(tmp_path / "out" / f"{n}.safetensors") for n in ("code", "math")
+    ]
+    assert raw["base_model"] == "m/base"  # the source recipe is left as it was
     recipe.write_text(
         "merge_method: linear\nmodels:\n  - model: ./nowhere\n    parameters: {weight: 1}\n"
     )
     with pytest.raises(ValueError, match="nowhere: no such folder"):
         render_recipe(read_recipe(recipe), tmp_path)
+
+
+def test_a_shipped_zoo_recipe_runs_under_plain_mergekit_yaml(tmp_path):
+    """From the checkout's root, as a user would; the same merge as the bench's Python API."""
+    recipe = "recipes/zoo/code+instruction/ties.yml"  # the instruct expert has an extra row
+    out = tmp_path / "cli"
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "mergekit-yaml"), recipe, str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert (
+        model.config.vocab_size
+        == AutoModelForCausalLM.from_pretrained(
+            ROOT / "mergekit_wp/zoo/models/base"
+        ).config.vocab_size
+    )
+    merge_one(render_recipe(read_recipe(ROOT / recipe), ROOT), tmp_path / "api", 0, {})
+    cli, api = load_file(out / "model.safetensors"), load_file(tmp_path / "api/model.safetensors")
+    assert cli.keys() == api.keys()
+    for key in cli:
+        torch.testing.assert_close(cli[key], api[key], rtol=0, atol=0, msg=key)

@@ -1,7 +1,10 @@
 """`mergekit-wp bench`: score experts, merge each combination by each method, evaluate, tabulate.
 
 A bench YAML (evals/bench-*.yml) names the recipes folder (`<combination>/<method>.yml`), the
-experts, the scoring configs that produce missing score maps, the grid, and the eval suite.
+experts, the scoring configs that produce missing score maps, the grid, the eval suite and the
+validation grid: each baseline's knobs are chosen per combination on a validation split
+(`mergekit_wp.evaluation.validation`), then the chosen merge is evaluated on the test split.
+A method whose mergekit contract cannot take a combination is listed with the reason.
 Merges and eval results are cached under `out/` by content hashes of what produced them, so a
 rerun redoes only what changed.
 """
@@ -12,6 +15,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -23,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mergekit_wp.evaluation.io import atomic_write_text, fingerprint_path, replace_dir
 from mergekit_wp.evaluation.recipes import (
+    contract_problem,
     read_recipe,
     render_recipe,
     resolve_model_ref,
@@ -31,12 +37,24 @@ from mergekit_wp.evaluation.recipes import (
 from mergekit_wp.evaluation.runner import torch_threads
 from mergekit_wp.evaluation.suites import Suite, check_tasks, load_suite, task_manager
 from mergekit_wp.evaluation.table import Row, Table, write_table
+from mergekit_wp.evaluation.validation import (
+    Validation,
+    apply_setting,
+    average,
+    check_limit,
+    load_validation,
+    setting_label,
+    setting_slug,
+)
 
 COMBINATIONS = ("code+instruction", "code+math", "instruction+math", "code+instruction+math")
-METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "wp_attr", "wp")
+_DEMO_KEYS = {"methods", "limit", "out"}
 _EVAL_KEYS = {"batch_size", "backend", "data_dir", "model_args", "gen_kwargs"}
-# Sources whose change invalidates a cached `wp` merge even when recipe and inputs are the same.
-_WP_SOURCES = ("merge_method.py", "components.py", "scoremap.py")
+# Our methods' sources: a change invalidates their cached merges even when recipe and inputs match.
+_OWN_SOURCES = {
+    "wp": ("merge_method.py", "components.py", "scoremap.py"),
+    "widen": ("widen.py", "components.py"),
+}
 LOG = logging.getLogger(__name__)
 
 
@@ -64,9 +82,15 @@ class BenchSpec:
     merge_options: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None  # torch CPU threads for merging and evaluating
+    validation: Validation | None = None
+    ours: tuple[str, ...] = ("wp_attr", "wp")  # ranked against the baselines (the rest)
+    demo: dict[str, Any] = field(default_factory=dict)  # the subset `make demo` runs
+    # Read validation results from this bench output only, merging nothing for them (the demo
+    # reuses the full bench's choices); a method not fully validated there runs its recipe.
+    validation_from: Path | None = None
 
 
-_BENCH_KEYS = {f.name for f in fields(BenchSpec)} - {"path"}
+_BENCH_KEYS = {f.name for f in fields(BenchSpec)} - {"path", "validation_from"}
 
 
 def _names(value: Any, what: str, source: Path) -> tuple[str, ...]:
@@ -75,6 +99,23 @@ def _names(value: Any, what: str, source: Path) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"bench {source}: {what} must be a non-empty list")
     return tuple(str(v) for v in value)
+
+
+def _demo(raw: Any, methods: tuple[str, ...], source: Path) -> dict[str, Any]:
+    """The `demo:` subset: methods of the bench, a limit, an output folder."""
+    demo = dict(raw or {})
+    extra = sorted(set(demo) - _DEMO_KEYS)
+    if extra:
+        raise ValueError(
+            f"bench {source}: demo has unknown key {extra[0]!r}; allowed: {sorted(_DEMO_KEYS)}"
+        )
+    if "methods" in demo:
+        demo["methods"] = _names(demo["methods"], "demo.methods", source)
+        stray = [m for m in demo["methods"] if m not in methods]
+        if stray:
+            raise ValueError(f"bench {source}: demo method {stray[0]!r} is not in methods")
+    demo["limit"] = check_limit(demo.get("limit"), f"bench {source}: demo.limit")
+    return demo
 
 
 def load_bench(path: str | Path, **overrides: Any) -> BenchSpec:
@@ -91,9 +132,10 @@ def load_bench(path: str | Path, **overrides: Any) -> BenchSpec:
         raise ValueError(
             f"bench {path}: unknown key {unknown[0]!r}; allowed: {sorted(_BENCH_KEYS)}"
         )
-    for key in ("recipes", "base", "experts", "suite"):
+    for key in ("recipes", "base", "experts", "methods", "suite"):
         if key not in raw:
             raise ValueError(f"bench {path}: missing required key {key!r}")
+    demo = _demo(raw.get("demo"), _names(raw["methods"], "methods", path), path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     root = (path.parent / raw.get("root", ".")).resolve()
     experts = raw["experts"]
@@ -107,7 +149,7 @@ def load_bench(path: str | Path, **overrides: Any) -> BenchSpec:
                 f"bench {path}: combination {combination!r} names {missing[0]!r}, which is not "
                 f"an expert (experts: {', '.join(experts)})"
             )
-    methods = _names(raw.get("methods", METHODS), "methods", path)
+    methods = _names(raw["methods"], "methods", path)
     references = tuple(raw.get("references") or ())
     for name in references:
         if name != "base" and name not in experts:
@@ -120,7 +162,7 @@ def load_bench(path: str | Path, **overrides: Any) -> BenchSpec:
         )
     if eval_options.get("data_dir"):
         eval_options["data_dir"] = str(root / eval_options["data_dir"])
-    out = raw.get("out", f"out/bench/{raw.get('name', path.stem)}")
+    out = Path(raw.get("out", f"out/bench/{raw.get('name', path.stem)}"))
     return BenchSpec(
         name=str(raw.get("name", path.stem)),
         path=path,
@@ -135,30 +177,59 @@ def load_bench(path: str | Path, **overrides: Any) -> BenchSpec:
         baseline=str(raw.get("baseline", "linear")),
         references=references,
         suite=str(raw["suite"]),
-        limit=raw.get("limit"),
+        limit=check_limit(raw.get("limit"), f"bench {path}: limit"),
         seed=int(raw.get("seed", 0)),
-        out=Path(out) if Path(out).is_absolute() else root / out,
+        out=out if out.is_absolute() else root / out,
         offline=bool(raw.get("offline", False)),
         merge_options=dict(raw.get("merge_options") or {}),
         eval=eval_options,
         threads=raw.get("threads"),
+        validation=load_validation(raw.get("validation"), path),
+        ours=tuple(raw.get("ours") or ("wp_attr", "wp")),
+        demo=demo,
     )
 
 
 @dataclass
 class MergeJob:
-    """One recipe of the grid, rendered, with where its merged model goes."""
+    """One recipe of the grid at one setting, rendered, with its content key once known."""
 
     combination: str
     method: str
     recipe: Path
     config: dict[str, Any]  # rendered: absolute paths only
     scores: list[Path]
+    setting: dict[str, Any] = field(default_factory=dict)  # the validation grid's knobs
     key: str = ""
+    validation: dict[str, float] | None = None  # scores on the validation suite
 
     @property
     def label(self) -> str:
         return f"{self.combination}/{self.method}"
+
+
+@dataclass
+class MethodRun:
+    """One method on one combination: its candidate settings and, once chosen, the one tested."""
+
+    combination: str
+    method: str
+    default: MergeJob  # the recipe as it is
+    candidates: list[MergeJob]  # the validation grid's settings ([default] without a grid)
+    chosen: MergeJob | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.combination}/{self.method}"
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A method that cannot merge a combination, and mergekit's reason."""
+
+    combination: str
+    method: str
+    reason: str
 
 
 @dataclass
@@ -196,10 +267,21 @@ def _check_local(config: dict[str, Any], source: str) -> None:
             )
 
 
-def plan_merges(spec: BenchSpec) -> list[MergeJob]:
-    """Read, render and check every recipe of the grid before anything runs."""
+def _missing_recipe(spec: BenchSpec, combination: str, method: str, recipe: Path) -> Unsupported:
+    """A recipe the grid lacks is fine only where mergekit's contract rules the method out."""
+    problem = contract_problem(method, len(combination.split("+")), with_base=True)
+    if problem is None:
+        raise ValueError(
+            f"bench {spec.path}: no recipe {recipe} for combination {combination!r}, "
+            f"method {method!r}"
+        )
+    return Unsupported(combination, method, problem)
+
+
+def plan_merges(spec: BenchSpec) -> tuple[list[MethodRun], list[Unsupported]]:
+    """Read, render and check every recipe of the grid, at every setting, before anything runs."""
     base = resolve_model_ref(spec.base, spec.root, f"bench {spec.path}")
-    jobs = []
+    runs, unsupported = [], []
     for combination in spec.combinations:
         want = {
             resolve_model_ref(spec.experts[e], spec.root, f"bench {spec.path}")
@@ -208,22 +290,35 @@ def plan_merges(spec: BenchSpec) -> list[MergeJob]:
         for method in spec.methods:
             recipe = spec.recipes / combination / f"{method}.yml"
             if not recipe.is_file():
-                raise ValueError(
-                    f"bench {spec.path}: no recipe {recipe} for combination {combination!r}, "
-                    f"method {method!r}"
-                )
+                unsupported.append(_missing_recipe(spec, combination, method, recipe))
+                continue
             raw = read_recipe(recipe)
             config = render_recipe(raw, spec.root, f"recipe {recipe}")
             if spec.offline:
                 _check_local(config, f"recipe {recipe}")
-            have = {m["model"] for m in config.get("models") or []} - {config.get("base_model")}
+            # `karcher` takes no base input (only its tokenizer); the base is never an expert.
+            have = {m["model"] for m in config.get("models") or []} - {base}
             if have != want or config.get("base_model", base) != base:
                 raise ValueError(
                     f"recipe {recipe}: merges {sorted(have)} onto {config.get('base_model')}, but "
                     f"the bench's {combination!r} is {sorted(want)} onto {base}"
                 )
-            jobs.append(MergeJob(combination, method, recipe, config, score_paths(raw, spec.root)))
-    return jobs
+            scores = score_paths(raw, spec.root)
+            default = MergeJob(combination, method, recipe, config, scores)
+            settings = spec.validation.settings(method) if spec.validation else []
+            candidates = [
+                MergeJob(
+                    combination,
+                    method,
+                    recipe,
+                    apply_setting(config, setting, f"recipe {recipe}"),
+                    scores,
+                    setting,
+                )
+                for setting in settings
+            ]
+            runs.append(MethodRun(combination, method, default, candidates or [default]))
+    return runs, unsupported
 
 
 # --- scoring ------------------------------------------------------------------------------------
@@ -277,12 +372,29 @@ def _run_scoring(spec: BenchSpec, config_path: Path) -> None:
     atomic_write_text(_stamp_file(spec, config_path), _score_stamp(spec, config_path) + "\n")
 
 
-def ensure_scores(spec: BenchSpec, jobs: list[MergeJob]) -> list[MergeJob]:
-    """Write missing or stale score maps; drop jobs of optional methods no config can serve.
+def _check_cached_map(path: Path, producer: Path | None) -> None:
+    """A map the bench would reuse must still read as one; a damaged one is re-scored by hand."""
+    from mergekit_wp.scoremap import ScoreMapError, read_score_map
+
+    try:
+        read_score_map(path)
+    except ScoreMapError as err:
+        how = f"mergekit-wp score {producer}" if producer else "the command that wrote it"
+        raise ValueError(
+            f"{err}; the bench would reuse this map as it is: re-score it ({how}), or delete it "
+            f"and rerun the bench"
+        ) from None
+
+
+def ensure_scores(
+    spec: BenchSpec, runs: list[MethodRun]
+) -> tuple[list[MethodRun], list[Unsupported]]:
+    """Write missing or stale score maps; set aside optional methods no config can serve.
 
     A map is stale when a bench scoring config writes it but the config's stamp (config and
     model contents) differs from the one recorded when the bench last ran it. Maps no config
-    writes are used as they are (e.g. exact-WP maps made elsewhere).
+    writes are used as they are (e.g. exact-WP maps made elsewhere). Every map reused as it is
+    is read and validated first: a stamp does not vouch for the file's bytes.
     """
     producers = _score_producers(spec) if spec.scoring else {}
     stale_configs = {
@@ -294,55 +406,70 @@ def ensure_scores(spec: BenchSpec, jobs: list[MergeJob]) -> list[MergeJob]:
     }
     missing = {
         p
-        for job in jobs
-        for p in job.scores
+        for run in runs
+        for p in run.default.scores
         if not p.is_file() or (p in producers and producers[p][0] in stale_configs)
     }
-    kept = []
-    for job in jobs:
-        lacking = [p for p in job.scores if p in missing and p not in producers]
+    kept, skipped = [], []
+    for run in runs:
+        lacking = [p for p in run.default.scores if p in missing and p not in producers]
         if not lacking:
-            kept.append(job)
-        elif job.method in spec.optional_methods:
-            tqdm.write(f"[bench] skipping {job.label}: no scoring config writes {lacking[0]}")
+            kept.append(run)
+        elif run.method in spec.optional_methods:
+            reason = f"skipped: no score map {lacking[0]}"
+            skipped.append(Unsupported(run.combination, run.method, reason))
+            tqdm.write(f"[bench] {run.label} {reason}, and no scoring config writes it")
         else:
             raise ValueError(
-                f"recipe {job.recipe}: score map {lacking[0]} is missing and none of the bench's "
-                f"scoring configs ({', '.join(map(str, spec.scoring)) or 'none'}) writes it"
+                f"recipe {run.default.recipe}: score map {lacking[0]} is missing and none of the "
+                f"bench's scoring configs ({', '.join(map(str, spec.scoring)) or 'none'}) writes it"
             )
-    todo = sorted({producers[p][0] for job in kept for p in job.scores if p in missing})
+    reused = sorted({p for run in kept for p in run.default.scores if p not in missing})
+    for path in reused:
+        _check_cached_map(path, producers.get(path, (None,))[0])
+    todo = sorted({producers[p][0] for run in kept for p in run.default.scores if p in missing})
     for config_path in tqdm(todo, desc="score", unit="expert"):
         start = time.perf_counter()
         _run_scoring(spec, config_path)
         tqdm.write(f"[bench] scored {config_path} in {time.perf_counter() - start:.1f} s")
-    return kept
+    return kept, skipped
 
 
 # --- merging ------------------------------------------------------------------------------------
-def _merge_key(spec: BenchSpec, job: MergeJob, prints: dict[str, str]) -> str:
-    """Hash of the rendered recipe, its inputs' contents, the seed and the merging code."""
-    import mergekit
+class _Keys:
+    """Content keys of merges, with each input's fingerprint computed once per run."""
 
-    import mergekit_wp
+    def __init__(self, spec: BenchSpec) -> None:
+        self.spec = spec
+        self.prints: dict[str, str] = {}
 
-    def printed(path: str | Path) -> str:
+    def printed(self, path: str | Path) -> str:
         key = str(path)
-        if key not in prints:
-            prints[key] = fingerprint_path(path) if Path(path).exists() else key
-        return prints[key]
+        if key not in self.prints:
+            self.prints[key] = fingerprint_path(path) if Path(path).exists() else key
+        return self.prints[key]
 
-    digest = hashlib.sha256(json.dumps(job.config, sort_keys=True).encode())
-    refs = [job.config.get("base_model"), job.config.get("tokenizer_source")]
-    refs += [m["model"] for m in job.config.get("models") or []]
-    for ref in [r for r in refs if r] + [str(p) for p in job.scores]:
-        digest.update(printed(ref).encode())
-    digest.update(f"seed={spec.seed};mergekit={getattr(mergekit, '__version__', '')}".encode())
-    digest.update(json.dumps(spec.merge_options, sort_keys=True).encode())
-    if job.config.get("merge_method") == "wp":
+    def merge(self, job: MergeJob) -> str:
+        """Hash of the rendered recipe, its inputs' contents, the seed and the merging code."""
+        import mergekit
+
+        import mergekit_wp
+
+        if job.key:
+            return job.key
+        digest = hashlib.sha256(json.dumps(job.config, sort_keys=True).encode())
+        refs = [job.config.get("base_model"), job.config.get("tokenizer_source")]
+        refs += [m["model"] for m in job.config.get("models") or []]
+        for ref in [r for r in refs if r and r not in ("base", "union")] + job.scores:
+            digest.update(self.printed(ref).encode())
+        version = getattr(mergekit, "__version__", "")
+        digest.update(f"seed={self.spec.seed};mergekit={version}".encode())
+        digest.update(json.dumps(self.spec.merge_options, sort_keys=True).encode())
         package = Path(mergekit_wp.__file__).parent
-        for name in _WP_SOURCES:
-            digest.update(printed(package / name).encode())
-    return digest.hexdigest()
+        for name in _OWN_SOURCES.get(job.config.get("merge_method"), ()):
+            digest.update(self.printed(package / name).encode())
+        job.key = digest.hexdigest()
+        return job.key
 
 
 def merge_one(config: dict[str, Any], out_dir: Path, seed: int, options: dict[str, Any]) -> None:
@@ -351,12 +478,10 @@ def merge_one(config: dict[str, Any], out_dir: Path, seed: int, options: dict[st
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_wp  # noqa: F401  registers `wp`
+    import mergekit_wp  # noqa: F401  registers `wp` and `widen`
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     merge_options = MergeOptions(**{"random_seed": seed, "quiet": True, **options})
     run_merge(MergeConfiguration.model_validate(config), str(tmp), merge_options)
@@ -368,116 +493,223 @@ def _cached(folder: Path, key: str, marker: str) -> bool:
     return path.is_file() and path.read_text().strip() == key
 
 
-def run_merges(spec: BenchSpec, jobs: list[MergeJob]) -> dict[str, Path]:
-    """Merge every job not already merged with the same key; label -> model folder."""
-    prints: dict[str, str] = {}
+def _merge_into(spec: BenchSpec, job: MergeJob, folder: Path) -> bool:
+    """Merge `job` into `folder` unless it already holds that merge; whether it merged."""
+    if _cached(folder, job.key, "bench-key.txt"):
+        return False
+    start = time.perf_counter()
+    merge_one(job.config, folder, spec.seed, spec.merge_options)
+    atomic_write_text(folder / "bench-key.txt", job.key + "\n")
+    atomic_write_text(folder / "recipe.yml", yaml.safe_dump(job.config, sort_keys=False))
+    setting = f" ({setting_label(job.setting)})" if job.setting else ""
+    tqdm.write(f"[bench] merged {job.label}{setting} in {time.perf_counter() - start:.1f} s")
+    return True
+
+
+def _merge_folder(spec: BenchSpec, run: MethodRun) -> Path:
+    return spec.out / "merges" / run.combination / run.method
+
+
+def run_merges(spec: BenchSpec, runs: list[MethodRun], keys: _Keys) -> dict[str, Path]:
+    """Merge each run's chosen setting unless already merged with the same key; label -> folder."""
     folders = {}
     done = 0
-    for job in tqdm(jobs, desc="merge", unit="merge"):
-        job.key = _merge_key(spec, job, prints)
-        folder = spec.out / "merges" / job.combination / job.method
-        folders[job.label] = folder
-        if _cached(folder, job.key, "bench-key.txt"):
-            continue
-        start = time.perf_counter()
-        merge_one(job.config, folder, spec.seed, spec.merge_options)
-        atomic_write_text(folder / "bench-key.txt", job.key + "\n")
-        atomic_write_text(folder / "recipe.yml", yaml.safe_dump(job.config, sort_keys=False))
-        done += 1
-        tqdm.write(f"[bench] merged {job.label} in {time.perf_counter() - start:.1f} s")
-    tqdm.write(f"[bench] {done} merged, {len(jobs) - done} cached")
+    for run in tqdm(runs, desc="merge", unit="merge"):
+        keys.merge(run.chosen)
+        folders[run.label] = _merge_folder(spec, run)
+        done += _merge_into(spec, run.chosen, folders[run.label])
+    tqdm.write(f"[bench] {done} merged, {len(runs) - done} cached")
     return folders
 
 
 # --- evaluating ---------------------------------------------------------------------------------
-def _eval_key(model_key: str, suite: Suite, spec: BenchSpec) -> str:
-    digest = hashlib.sha256(model_key.encode())
-    digest.update(suite.fingerprint().encode())
-    digest.update(json.dumps({"limit": spec.limit, **spec.eval}, sort_keys=True).encode())
-    return digest.hexdigest()
+@dataclass
+class _Evaluator:
+    """Evaluates model folders on one suite at one limit, each result cached by content key."""
+
+    spec: BenchSpec
+    suite: Suite
+    limit: int | float | None
+    manager: Any = None
+
+    def key(self, model_key: str) -> str:
+        digest = hashlib.sha256(model_key.encode())
+        digest.update(self.suite.fingerprint().encode())
+        digest.update(json.dumps({"limit": self.limit, **self.spec.eval}, sort_keys=True).encode())
+        return digest.hexdigest()
+
+    def cached(self, out_dir: Path, model_key: str) -> dict[str, float] | None:
+        summary = out_dir / "scores.json"
+        if _cached(out_dir, self.key(model_key), "bench-key.txt") and summary.is_file():
+            return json.loads(summary.read_text())
+        return None
+
+    def __call__(self, label: str, folder: Path, model_key: str, out_dir: Path) -> dict[str, float]:
+        """Scores of the model in `folder` (percent per column), from cache or lm-eval."""
+        from mergekit_wp.evaluation import runner
+
+        scores = self.cached(out_dir, model_key)
+        if scores is not None:
+            return scores
+        data_dir = self.spec.eval.get("data_dir")
+        if self.manager is None:
+            self.manager = task_manager(
+                self.suite, {"zoo_data_dir": data_dir} if data_dir else None
+            )
+            check_tasks(self.suite, self.manager)
+        start = time.perf_counter()
+        report = runner.evaluate_model(
+            folder,
+            self.suite,
+            out_dir,
+            limit=self.limit,
+            backend=self.spec.eval.get("backend", "hf"),
+            batch_size=self.spec.eval.get("batch_size"),
+            model_args=self.spec.eval.get("model_args"),
+            gen_kwargs=self.spec.eval.get("gen_kwargs"),
+            data_dir=data_dir,
+            manager=self.manager,
+        )
+        atomic_write_text(out_dir / "scores.json", json.dumps(report.scores, indent=2) + "\n")
+        atomic_write_text(out_dir / "bench-key.txt", self.key(model_key) + "\n")
+        tqdm.write(
+            f"[bench] evaluated {label} on {self.suite.name} in "
+            f"{time.perf_counter() - start:.1f} s: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in report.scores.items())
+        )
+        return report.scores
 
 
 def run_evals(
-    spec: BenchSpec, models: dict[str, tuple[Path, str]], suite: Suite
+    evaluate: _Evaluator, models: dict[str, tuple[Path, str]]
 ) -> dict[str, dict[str, float]]:
-    """Evaluate each labelled model (folder, content key) unless cached; label -> scores."""
-    from mergekit_wp.evaluation.runner import evaluate_model
+    """Evaluate each labelled model (folder, content key) on the test suite; label -> scores."""
+    out = evaluate.spec.out / "evals"
+    return {
+        label: evaluate(label, folder, key, out / label)
+        for label, (folder, key) in tqdm(list(models.items()), desc="eval", unit="model")
+    }
 
-    data_dir = spec.eval.get("data_dir")
-    manager = task_manager(suite, {"zoo_data_dir": data_dir} if data_dir else None)
-    check_tasks(suite, manager)
-    scores = {}
-    done = 0
-    for label, (folder, model_key) in tqdm(list(models.items()), desc="eval", unit="model"):
-        key = _eval_key(model_key, suite, spec)
-        out_dir = spec.out / "evals" / label
-        summary = out_dir / "scores.json"
-        if _cached(out_dir, key, "bench-key.txt") and summary.is_file():
-            scores[label] = json.loads(summary.read_text())
-            continue
-        start = time.perf_counter()
-        report = evaluate_model(
-            folder,
-            suite,
-            out_dir,
-            limit=spec.limit,
-            backend=spec.eval.get("backend", "hf"),
-            batch_size=spec.eval.get("batch_size"),
-            model_args=spec.eval.get("model_args"),
-            gen_kwargs=spec.eval.get("gen_kwargs"),
-            data_dir=data_dir,
-            manager=manager,
-        )
-        atomic_write_text(summary, json.dumps(report.scores, indent=2) + "\n")
-        atomic_write_text(out_dir / "bench-key.txt", key + "\n")
-        scores[label] = report.scores
-        done += 1
-        tqdm.write(
-            f"[bench] evaluated {label} in {time.perf_counter() - start:.1f} s: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in report.scores.items())
-        )
-    tqdm.write(f"[bench] {done} evaluated, {len(models) - done} cached")
-    return scores
+
+# --- validation ---------------------------------------------------------------------------------
+def _validate_run(spec: BenchSpec, run: MethodRun, evaluate: _Evaluator, keys: _Keys) -> MergeJob:
+    """The candidate with the best validation average (the first of equals), each evaluated
+    unless cached. Only the best so far keeps its merge, in the run's merge folder."""
+    final = _merge_folder(spec, run)
+    scratch = final.parent / f".{run.method}.candidate"
+    best, best_score = None, -math.inf
+    for job in run.candidates:
+        out_dir = spec.out / "validation" / run.combination / run.method / setting_slug(job.setting)
+        job.validation = evaluate.cached(out_dir, keys.merge(job))
+        if job.validation is None:
+            _merge_into(spec, job, scratch)
+            job.validation = evaluate(run.label, scratch, job.key, out_dir)
+        score = average(job.validation)
+        if score > best_score:
+            best, best_score = job, score
+            if scratch.exists():
+                replace_dir(scratch, final)
+        if scratch.exists():
+            shutil.rmtree(scratch)
+    return best
+
+
+def _reuse_validation(spec: BenchSpec, run: MethodRun, evaluate: _Evaluator, keys: _Keys):
+    """The choice recorded under `validation_from` if every candidate is there; else None."""
+    folder = spec.validation_from / "validation" / run.combination / run.method
+    for job in run.candidates:
+        job.validation = evaluate.cached(folder / setting_slug(job.setting), keys.merge(job))
+        if job.validation is None:
+            return None
+    return max(run.candidates, key=lambda job: average(job.validation))  # first of equals
+
+
+def choose_settings(spec: BenchSpec, runs: list[MethodRun], keys: _Keys) -> None:
+    """Set each run's `chosen`: the recipe itself, or its best setting on validation."""
+    grid_runs = [run for run in runs if len(run.candidates) > 1]
+    for run in runs:
+        run.chosen = run.candidates[0]
+    if not grid_runs:
+        return
+    evaluate = _Evaluator(spec, load_suite(spec.validation.suite), spec.validation.limit)
+    for run in tqdm(grid_runs, desc="validate", unit="method"):
+        if spec.validation_from is not None:
+            chosen = _reuse_validation(spec, run, evaluate, keys)
+            if chosen is None:
+                tqdm.write(f"[bench] {run.label}: no validation results to reuse; the recipe's")
+            run.chosen = chosen or run.default
+        else:
+            run.chosen = _validate_run(spec, run, evaluate, keys)
+        if run.chosen.setting:
+            tqdm.write(f"[bench] {run.label}: chose {setting_label(run.chosen.setting)}")
 
 
 # --- the whole bench ----------------------------------------------------------------------------
+def _reference_models(spec: BenchSpec) -> dict[str, str]:
+    references = {
+        name: resolve_model_ref(
+            spec.base if name == "base" else spec.experts[name], spec.root, f"bench {spec.path}"
+        )
+        for name in spec.references
+    }
+    if spec.offline:
+        _check_local({"models": [{"model": r} for r in references.values()]}, f"bench {spec.path}")
+    return references
+
+
+def _merge_row(run: MethodRun, scores: dict[str, float]) -> Row:
+    chosen = run.chosen
+    return Row(
+        run.combination,
+        run.method,
+        scores,
+        setting=setting_label(chosen.setting),
+        validation=average(chosen.validation) if chosen.validation else None,
+    )
+
+
 def _score_merge_evaluate(spec: BenchSpec, stages: Stages) -> Table:
-    """The plan, score, merge and eval stages; the table of every evaluated model."""
+    """The plan, score, validate, merge and eval stages; the table of every evaluated model."""
     with stages.stage("plan"):
         suite = load_suite(spec.suite)
-        jobs = plan_merges(spec)
-        references = {
-            name: resolve_model_ref(
-                spec.base if name == "base" else spec.experts[name], spec.root, f"bench {spec.path}"
-            )
-            for name in spec.references
-        }
-        if spec.offline:
-            _check_local(
-                {"models": [{"model": r} for r in references.values()]}, f"bench {spec.path}"
-            )
-    with stages.stage("score", f"({sum(len(j.scores) for j in jobs)} score maps needed)"):
-        jobs = ensure_scores(spec, jobs)
-    with stages.stage("merge", f"({len(jobs)} recipes)"):
-        folders = run_merges(spec, jobs)
+        if spec.validation:
+            load_suite(spec.validation.suite)
+        runs, unsupported = plan_merges(spec)
+        references = _reference_models(spec)
+    with stages.stage("score", f"({len({p for r in runs for p in r.default.scores})} maps)"):
+        runs, skipped = ensure_scores(spec, runs)
+    keys = _Keys(spec)
+    candidates = sum(len(r.candidates) for r in runs if len(r.candidates) > 1)
+    with stages.stage("validate", f"({candidates} candidate settings)"):
+        choose_settings(spec, runs, keys)
+    with stages.stage("merge", f"({len(runs)} recipes)"):
+        folders = run_merges(spec, runs, keys)
     models = {
         name: (Path(ref), fingerprint_path(ref) if Path(ref).exists() else ref)
         for name, ref in references.items()
     }
-    models.update({job.label: (folders[job.label], job.key) for job in jobs})
+    models.update({run.label: (folders[run.label], run.chosen.key) for run in runs})
     with stages.stage("eval", f"({len(models)} models, suite {suite.name}, limit {spec.limit})"):
-        scores = run_evals(spec, models, suite)
+        scores = run_evals(_Evaluator(spec, suite, spec.limit), models)
+    merges = {(r.combination, r.method): _merge_row(r, scores[r.label]) for r in runs}
+    for absent in unsupported + skipped:
+        merges[absent.combination, absent.method] = Row(
+            absent.combination, absent.method, None, note=absent.reason
+        )
     return Table(
         columns=suite.columns,
         references=[Row(name, None, scores[name]) for name in references],
-        merges=[Row(job.combination, job.method, scores[job.label]) for job in jobs],
+        merges=[merges[c, m] for c in spec.combinations for m in spec.methods if (c, m) in merges],
         baseline=spec.baseline,
+        ours=spec.ours,
     )
 
 
 def run_bench(spec: BenchSpec | str | Path, **overrides: Any) -> BenchResult:
-    """Score, merge, evaluate and tabulate the bench's grid; cached steps are skipped."""
+    """Score, validate, merge, evaluate and tabulate the bench's grid; cached steps are skipped."""
     if isinstance(spec, BenchSpec):
+        if overrides.get("limit") is not None:
+            overrides["limit"] = check_limit(overrides["limit"], f"bench {spec.path}: limit")
         spec = replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     else:
         spec = load_bench(spec, **overrides)

@@ -125,6 +125,8 @@ def eval_command(
         )
     except (ValueError, OSError) as err:  # OSError: e.g. a Hub id that cannot be fetched offline
         raise click.ClickException(str(err)) from None
+    except AssertionError as err:  # lm-eval asserts some settings, e.g. a context too short
+        raise click.ClickException(f"lm-eval refused the run: {err}") from None
     click.echo(report.summary_path.read_text(), nl=False)
     click.echo(
         f"results: {report.results_path}\nsummary: {report.summary_path} ({report.seconds:.1f} s)"
@@ -148,7 +150,7 @@ def bench(bench_file, methods, combinations, limit, out) -> None:
             bench_file,
             methods=methods,
             combinations=combinations,
-            limit=_limit(limit),
+            limit=limit,  # checked by load_bench before any work
             out=out and out.resolve(),
         )
     except ValueError as err:
@@ -173,11 +175,11 @@ def _print_result(result) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder [default: out/demo].")
 def demo(limit, out) -> None:
     """Offline, on the micro zoo: score, merge the 4 combinations with every method, evaluate."""
-    from mergekit_wp.evaluation.demo import DEMO_LIMIT, run_demo
+    from mergekit_wp.evaluation.demo import run_demo
 
     click.echo(
-        f"demo: score the zoo's experts, merge 4 combinations x every method, evaluate the "
-        f"micro suite on the first {limit or DEMO_LIMIT} examples of each task"
+        "demo: score the zoo's experts, merge 4 combinations x the methods of evals/bench-zoo.yml's "
+        "`demo:`, evaluate the micro suite on the first examples of each task"
     )
     try:
         result = run_demo(limit=limit, out=out)
