@@ -163,6 +163,10 @@ def test_merge_names_a_corrupt_weights_file(family, tmp_path):
         ),
         (lambda d, t: d.update(parameters={"density": 0.5}), "sets density, which wp does not use"),
         (lambda d, t: d.update(models="nope"), "key 'models': Input should be a valid list"),
+        (
+            lambda d, t: d.update(parameters={"ignore_score_metadata": "maybe"}),
+            "wp: Input should be a valid boolean, unable to interpret input (got 'maybe')",
+        ),
     ],
 )
 def test_merge_bad_recipe_is_one_line_and_writes_nothing(family, tmp_path, change, expected):
