@@ -380,3 +380,35 @@ def test_shipped_benches_name_existing_recipes_suites_and_scoring_configs(name):
             "wp_attr",
             "wp",
         }
+
+
+def test_the_table_marks_the_best_and_ranks_ours_against_the_best_baseline():
+    from mergekit_wp.evaluation.table import Row, Table, to_csv, to_markdown
+
+    rows = [
+        Row("x+y", "linear", {"A": 10.0, "B": 10.0}),
+        Row("x+y", "ties", {"A": 40.0, "B": 20.0}, setting="density=0.3", validation=12.0),
+        Row("x+y", "wp_attr", {"A": 30.0, "B": 20.0}),
+        Row("x+y", "nuslerp", None, note="Merge method requires exactly 2 non-base inputs; got 3"),
+        Row("x+z", "linear", {"A": 10.0, "B": 10.0}),
+        Row("x+z", "ties", {"A": 5.0, "B": 10.0}),
+        Row("x+z", "wp_attr", {"A": 20.0, "B": 10.0}),
+    ]
+    table = Table(["A", "B"], [], rows)
+    standings = {s.combination: s for s in table.standings()}
+    assert (standings["x+y"].rank, standings["x+y"].best_baseline.method) == (2, "ties")
+    assert standings["x+y"].margin == -5.0
+    assert (standings["x+z"].rank, standings["x+z"].best_baseline.method) == (1, "linear")
+    assert standings["x+z"].margin == 5.0
+    markdown = to_markdown(table)
+    assert "|  | TIES | density=0.3 | **40.00 (+30.00)** | **20.00 (+10.00)** | **30.00" in markdown
+    assert "|  | WP (WP-attr) | - | **20.00 (+10.00)** | 10.00 (+0.00) |" in markdown  # B: all tie
+    assert "| n/a | n/a | n/a |" in markdown
+    assert "| x + y | WP (WP-attr) | 25.00 | 2 of 3 | TIES | 30.00 | -5.00 |" in markdown
+    assert (
+        "- WP (WP-attr): beats the best baseline in 1 of 2 combinations (0 tied), beats Avg in "
+        "2 of 2; the best merge in 1." in markdown
+    )
+    csv_rows = list(csv.DictReader(to_csv(table).splitlines()))
+    assert [r["rank"] for r in csv_rows] == ["3", "1", "2", "", "2", "3", "1"]
+    assert csv_rows[1]["validation Avg"] == "12.0" and csv_rows[3]["note"].startswith("Merge")

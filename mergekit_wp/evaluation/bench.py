@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -416,7 +417,7 @@ def ensure_scores(
         if not lacking:
             kept.append(run)
         elif run.method in spec.optional_methods:
-            reason = f"skipped: no score map {lacking[0]}"
+            reason = f"skipped: no score map {os.path.relpath(lacking[0], spec.root)}"
             skipped.append(Unsupported(run.combination, run.method, reason))
             tqdm.write(f"[bench] {run.label} {reason}, and no scoring config writes it")
         else:

@@ -103,12 +103,12 @@ class Table:
         return out
 
     def best(self, combination: str) -> dict[str, float]:
-        """The best merge score per column (and "Avg") in a combination."""
+        """The best merge score per column (and "Avg") in a combination; a column where every
+        merge scores the same has no best (inf)."""
         rows = self.scored(combination)
-        best = {c: max(r.scores[c] for r in rows) for c in self.columns} if rows else {}
-        if rows:
-            best["Avg"] = max(r.average for r in rows)
-        return best
+        values = {c: [r.scores[c] for r in rows] for c in self.columns}
+        values["Avg"] = [r.average for r in rows]
+        return {k: max(v) if len(set(v)) > 1 else float("inf") for k, v in values.items()}
 
     def standings(self) -> list[Standing]:
         """Each of our methods per combination: its rank by average, the best baseline's row."""
