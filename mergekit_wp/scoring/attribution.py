@@ -62,6 +62,14 @@ def empty_parts(shape: ModelShape) -> dict[str, torch.Tensor]:
     return parts
 
 
+@torch.no_grad()
+def task_delta(base_param: torch.Tensor, sft_param: torch.Tensor) -> torch.Tensor:
+    """Δθ = θ_sft - θ_base on the base's device, in the compute dtype (fp32 for bf16 states:
+    the difference of two nearby bf16 values keeps only a few bits in bf16)."""
+    dtype = compute_dtype(base_param)
+    return sft_param.to(base_param.device, dtype) - base_param.to(dtype)
+
+
 def gradient_pass(
     base: nn.Module,
     sft: nn.Module,
@@ -70,13 +78,15 @@ def gradient_pass(
     weights: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     wp_attr: bool = True,
     ap_attr: bool = False,
+    deltas: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Weighted sums over the batch of WP-attr parts and AP-attr scores, one backward pass.
 
     Returns `{"wp_attr": {part: [L, units]}, "ap_attr": {"heads": [L, H], "neurons": [L, I]},
     "utility": {"f_base": [B], "weights": [B]}}` (fp64, on the CPU). `weights` `[B]` are 1/G(x)
     (0 for skipped examples), or a function of F(M_base, x) giving them, so the pass's own
-    forward doubles as the base's gap forward.
+    forward doubles as the base's gap forward. `deltas` is the caller's cache of Δθ (see
+    `task_delta`): pass one dict for every batch of a run so Δθ is computed once per run.
     """
     shape = model_shape(base)
     stop = stop_layer(utility, base)
@@ -104,15 +114,16 @@ def gradient_pass(
             params[slot.name].requires_grad_(False)
     out: dict[str, dict[str, torch.Tensor]] = {"utility": {"f_base": f_base, "weights": weights}}
     if wp_attr:
+        deltas = {} if deltas is None else deltas
         parts = empty_parts(shape)
         for slot, grad in zip(slots, grads):
             if grad is None:
                 continue
-            base_p = params[slot.name]
-            # Δθ in fp32 even for bf16 checkpoints; a bf16 difference would lose most bits.
-            dtype = compute_dtype(base_p)
-            delta = sft_params[slot.name].detach().to(base_p.device, dtype) - base_p.detach().to(dtype)
-            parts[slot.role.part][slot.layer] += unit_sums(delta * grad.to(dtype), slot.role, shape).double().cpu()
+            if slot.name not in deltas:
+                deltas[slot.name] = task_delta(params[slot.name], sft_params[slot.name])
+            delta = deltas[slot.name]
+            values = unit_sums(delta * grad.to(delta.dtype), slot.role, shape)
+            parts[slot.role.part][slot.layer] += values.double().cpu()
         out["wp_attr"] = parts
     if ap_attr:
         out["ap_attr"] = _activation_scores(shape, act_keys, grads[len(slots):], acts, sft_acts)

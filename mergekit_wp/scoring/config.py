@@ -78,11 +78,20 @@ class ScoringConfig(_Strict):
     granularity: GranularityConfig = GranularityConfig()
     output: str
     device: str = "auto"  # auto, cpu, cuda, cuda:N
+    # auto: bf16 on CUDA and on CPUs with native bf16 (amx_bf16 / avx512_bf16), else fp32; the
+    # run logs which and why. fp32 gives exact scores; bf16 halves memory and (natively) time.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     device_map: str | None = None  # e.g. "auto": spread a model over several GPUs (accelerate)
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     batch_size: int = Field(default=8, gt=0)
-    max_variant_rows: int = Field(default=64, gt=0)  # rows (variants x examples) per batched run
+    # Exact WP / AP run patched variants of a layer stacked along the batch: at most this many
+    # rows (variants x examples of a batch) per run. Memory grows with it (activations of every
+    # row, and under KL their logits, see kl_chunk_positions); lower it if exact sweeps run out.
+    max_variant_rows: int = Field(default=64, gt=0)
+    # KL utility: response positions whose log-probabilities over the vocabulary are computed at
+    # once (each position costs ~5 fp32 vectors of the vocabulary: 2.6 MB at 128k tokens). Peak
+    # memory of the readout stays at one chunk whatever the response length and max_variant_rows.
+    kl_chunk_positions: int = Field(default=256, gt=0)
     gap_floor: float = Field(default=1e-4, ge=0)
     top_k: int = Field(default=20, gt=0)
     seed: int = 0

@@ -186,8 +186,12 @@ def layer_effects(
     setter: Setter,
     baseline: torch.Tensor,
     max_variant_rows: int = 64,
+    on_units: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
-    """`F(patched_u, x) - F(base, x)` for every unit `u` of `units` at `layer`: `[len(units), B]`."""
+    """`F(patched_u, x) - F(base, x)` for every unit `u` of `units` at `layer`: `[len(units), B]`.
+
+    `on_units(n)` is told after every chunk of `n` units (progress within a long layer).
+    """
     shape = model_shape(base)
     stop = utility.stop_layer(base)
     size = len(batch)
@@ -197,10 +201,12 @@ def layer_effects(
         part = list(units[start:start + chunk])
         delta = setter(part)
         live = (delta.flatten(1) != 0).any(1).cpu()
-        if not live.any():
-            continue
-        values = _run_variants(base, shape, base_trace, run, batch, utility, layer, unit, delta[live], stop)
-        out[start:start + len(part)][live] = values.double().cpu() - baseline
+        if live.any():
+            values = _run_variants(base, shape, base_trace, run, batch, utility, layer, unit,
+                                   delta[live], stop)
+            out[start:start + len(part)][live] = values.double().cpu() - baseline
+        if on_units is not None:
+            on_units(len(part))
     return out
 
 
@@ -313,10 +319,13 @@ def layer_sums(
     max_variant_rows: int = 64,
     base_trace: Trace | None = None,
     sft_inputs: dict[tuple[int, str], torch.Tensor] | None = None,
+    on_units: Callable[[int], Any] | None = None,
 ) -> torch.Tensor:
     """Weighted sums over one batch of one layer's unit effects: `[len(units)]` fp64."""
     stop = utility.stop_layer(base)
     if layer > stop or not len(units):
+        if on_units is not None:
+            on_units(len(units))
         return torch.zeros(len(units), dtype=torch.float64)
     base_trace = base_trace or trace(base, batch, stop)
     baseline = utility.readout(base, base_trace.output, batch).double().cpu()
@@ -330,6 +339,7 @@ def layer_sums(
     else:
         raise ValueError(f"exact method must be 'wp' or 'ap'; got {method!r}")
     effects = layer_effects(
-        base, base_trace, run, batch, utility, layer, unit, units, setter, baseline, max_variant_rows
+        base, base_trace, run, batch, utility, layer, unit, units, setter, baseline, max_variant_rows,
+        on_units,
     )
     return effects @ weights.double()

@@ -111,13 +111,44 @@ def resolve_device(device: str, group: _Group) -> str:
     return device
 
 
+_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmuls
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is missing."""
+    try:
+        text = _CPUINFO.read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return {flag for line in lines for flag in line.split(":", 1)[1].split()}
+
+
+def auto_dtype(device: str) -> tuple[str, str]:
+    """`dtype: auto`: (dtype, why). bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if device.startswith("cuda"):
+        return "bfloat16", "CUDA device"
+    native = [flag for flag in _NATIVE_BF16_FLAGS if flag in cpu_flags()]
+    if native:
+        return "bfloat16", f"the CPU has native bf16 ({', '.join(native)}): half the memory"
+    return "float32", "the CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag)"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The configured dtype, with `auto` resolved and the choice logged."""
+    if dtype != "auto":
+        return dtype
+    dtype, why = auto_dtype(device)
+    log.info("dtype: auto -> %s (%s); set dtype explicitly to override", dtype, why)
+    return dtype
+
+
 def load_model(reference: str, config: ScoringConfig, device: str) -> nn.Module:
     """An HF causal LM in eval mode, frozen, in the configured dtype, on `device` or a device map."""
     from transformers import AutoModelForCausalLM
 
-    dtype = config.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = resolve_dtype(config.dtype, device)
     kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": config.attn_implementation}
     if config.device_map:
         kwargs["device_map"] = config.device_map
@@ -154,7 +185,7 @@ def build_utility(
 ) -> ReadoutUtility:
     """The configured utility, checked against the model's shape."""
     if config.utility.kind == "kl":
-        return KLUtility(sft, vocab)
+        return KLUtility(sft, vocab, config.kl_chunk_positions)
     from mergekit_wp.scoring.anchor import load_anchor
 
     anchor = load_anchor(config.utility.anchor)
@@ -217,6 +248,8 @@ class _Scorer:
         self.device = resolve_device(config.device, self.group)
         self.timings: dict[str, float] = {}
         start = time.perf_counter()
+        # Resolved (and logged) once; both models load in it.
+        config = config.model_copy(update={"dtype": resolve_dtype(config.dtype, self.device)})
         self.base = load_model(config.base, config, self.device)
         self.sft = load_model(config.model, config, self.device)
         self.shape = ModelShape.from_config(self.sft.config)
@@ -249,6 +282,7 @@ class _Scorer:
             state_path.unlink(missing_ok=True)
         self.state = RunState(state_path, fingerprint(settings))
         self.contexts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.deltas: dict[str, torch.Tensor] = {}  # Δθ per scored tensor, computed once per run
 
     def _commit(self, unit: str) -> None:
         self.state.commit(unit)
@@ -258,12 +292,17 @@ class _Scorer:
     def batch(self, b: int) -> TokenBatch:
         return self.batches[b]
 
-    def context(self, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(F_base, F_sft, weights) of batch b, computed once."""
+    def context(self, b: int, keep_cache: bool = False) -> tuple[torch.Tensor, ...]:
+        """(F_base, F_sft, weights) of batch b, computed once.
+
+        Without `keep_cache` the batch's KL reference is dropped: recomputed per phase rather than
+        kept for every batch. A phase that goes on with the batch keeps it (no second expert run).
+        """
         if b not in self.contexts:
             self.contexts[b] = batch_context(self.base, self.sft, self.batch(b), self.utility,
                                              self.config.gap_floor)
-            self.batch(b).cache.clear()  # KL references: recomputed per phase rather than all kept
+            if not keep_cache:
+                self.batch(b).cache.clear()
         return self.contexts[b]
 
     def gaps(self) -> list[dict[str, Any]]:
@@ -292,7 +331,7 @@ class _Scorer:
                     f_sft = self.utility(self.sft, self.batch(b)).double().cpu()
                 weights = partial(gap_weights, f_sft=f_sft, gap_floor=self.config.gap_floor)
             out = gradient_pass(self.base, self.sft, self.batch(b), self.utility, weights,
-                                "wp_attr" in methods, "ap_attr" in methods)
+                                "wp_attr" in methods, "ap_attr" in methods, self.deltas)
             found = out.pop("utility")
             if b not in self.contexts:
                 self.contexts[b] = (found["f_base"], f_sft, found["weights"])
@@ -301,6 +340,7 @@ class _Scorer:
                     self.state.total(f"{method}.{name}", tensor).add_(tensor)
             self._commit(unit)
             self.batch(b).cache.clear()
+        self.deltas.clear()
         self.timings["+".join(methods)] = time.perf_counter() - start
 
     def exact_plan(self, unit: str, wp_attr_neurons: torch.Tensor | None) -> dict[int, list[int]]:
@@ -324,23 +364,32 @@ class _Scorer:
 
     def exact_phase(self, method: str, plans: dict[str, dict[int, list[int]]]) -> None:
         start = time.perf_counter()
-        for b in tqdm(self.mine, desc=f"{self.label}: exact {method}", disable=self.group.rank != 0):
-            todo = [(u, l) for u, plan in plans.items() for l in plan if f"{method}/{b}/{u}/{l}" not in self.state.done]
-            if not todo:
-                continue
-            batch = self.batch(b)
-            _, _, weights = self.context(b)
-            base_trace = trace(self.base, batch, self.stop)
-            sft_in = site_inputs(self.sft, batch, self.stop) if method == "ap" else None
-            for unit, layer in todo:
-                units = plans[unit][layer]
-                sums = layer_sums(self.base, self.sft, batch, self.utility, method, unit, layer, units,
-                                  weights, self.config.max_variant_rows, base_trace, sft_in)
-                count = self.shape.unit_count(unit)
-                total = self.state.total(f"{method}.{unit}", torch.zeros(self.shape.num_hidden_layers, count))
-                total[layer, units] += sums
-                self._commit(f"{method}/{b}/{unit}/{layer}")
-            batch.cache.clear()
+        work = [(b, u, l) for b in self.mine for u, plan in plans.items() for l in plan]
+        done = lambda b, u, l: f"{method}/{b}/{u}/{l}" in self.state.done
+        # Progress in components (a layer of 8k neurons moves the bar as it goes), with an ETA.
+        progress = tqdm(total=sum(len(plans[u][l]) for _, u, l in work),
+                        initial=sum(len(plans[u][l]) for b, u, l in work if done(b, u, l)),
+                        desc=f"{self.label}: exact {method}", unit="component",
+                        disable=self.group.rank != 0)
+        with progress:
+            for b in self.mine:
+                todo = [(u, l) for u, plan in plans.items() for l in plan if not done(b, u, l)]
+                if not todo:
+                    continue
+                batch = self.batch(b)
+                _, _, weights = self.context(b, keep_cache=True)
+                base_trace = trace(self.base, batch, self.stop)
+                sft_in = site_inputs(self.sft, batch, self.stop) if method == "ap" else None
+                for unit, layer in todo:
+                    units = plans[unit][layer]
+                    sums = layer_sums(self.base, self.sft, batch, self.utility, method, unit, layer, units,
+                                      weights, self.config.max_variant_rows, base_trace, sft_in,
+                                      progress.update)
+                    count = self.shape.unit_count(unit)
+                    total = self.state.total(f"{method}.{unit}", torch.zeros(self.shape.num_hidden_layers, count))
+                    total[layer, units] += sums
+                    self._commit(f"{method}/{b}/{unit}/{layer}")
+                batch.cache.clear()
         self.timings[method] = time.perf_counter() - start
 
     def reduced(self, name: str, like: torch.Tensor) -> torch.Tensor:

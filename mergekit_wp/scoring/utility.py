@@ -64,28 +64,52 @@ class AnchorUtility(ReadoutUtility):
 
 
 class KLUtility(ReadoutUtility):
-    """F_down(M, x) = -mean_t KL(p_sft(.|x, y_<t) || p_M(.|x, y_<t)) over response positions."""
+    """F_down(M, x) = -mean_t KL(p_sft(.|x, y_<t) || p_M(.|x, y_<t)) over response positions.
+
+    Log-probabilities over the vocabulary are computed `chunk_positions` response positions at a
+    time: with a 128k vocabulary a whole batch of variants would take tens of GB, a chunk does
+    not grow with the response length or the number of variants.
+    """
 
     name = "kl"
 
-    def __init__(self, sft: nn.Module, vocab: int | None = None) -> None:
+    def __init__(self, sft: nn.Module, vocab: int | None = None,
+                 chunk_positions: int = 256) -> None:
+        if chunk_positions < 1:
+            raise ValueError(f"KL utility: chunk_positions must be >= 1; got {chunk_positions}")
         self.sft = sft
         self.layer = model_shape(sft).num_hidden_layers - 1
         # Compare over the shared vocabulary when an expert added tokens (e.g. a pad token).
         self.vocab = vocab
+        self.chunk_positions = chunk_positions
 
-    @torch.no_grad()
+    def __call__(self, model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+        if model is not self.sft:
+            return self.readout(model, forward_to(model, batch, self.layer), batch)
+        # -KL(p_sft || p_sft) = 0 exactly; the expert's one forward of the batch is the reference.
+        reference = self.reference(batch)
+        return torch.zeros(len(batch), dtype=reference.dtype, device=reference.device)
+
     def reference(self, batch: TokenBatch) -> torch.Tensor:
         """log p_sft at the batch's response positions `[N_r, vocab]`, computed once per batch."""
         if "kl_reference" not in batch.cache:
-            if batch.response_mask is None:
-                raise ValueError("the KL utility needs batches with a response_mask (prompt + response)")
-            hidden = forward_to(self.sft, batch, self.layer)
-            batch.cache["kl_reference"] = self._log_probs(self.sft, hidden, batch.response_mask)
+            with torch.no_grad():
+                self._keep_reference(batch, forward_to(self.sft, batch, self.layer))
         return batch.cache["kl_reference"]
 
-    def _log_probs(self, model: nn.Module, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        selected = hidden[mask.to(hidden.device)]
+    @torch.no_grad()
+    def _keep_reference(self, batch: TokenBatch, hidden: torch.Tensor) -> None:
+        if batch.response_mask is None:
+            raise ValueError(
+                "the KL utility needs batches with a response_mask (prompt + response)")
+        if "kl_reference" in batch.cache:
+            return
+        selected = hidden.detach()[batch.response_mask.to(hidden.device)]
+        chunks = [self._log_probs(self.sft, selected[s:s + self.chunk_positions])
+                  for s in range(0, selected.shape[0], self.chunk_positions)]
+        batch.cache["kl_reference"] = torch.cat(chunks)
+
+    def _log_probs(self, model: nn.Module, selected: torch.Tensor) -> torch.Tensor:
         logits = logits_from_hidden(model, selected)[..., : self.vocab]
         return torch.log_softmax(logits.to(compute_dtype(logits)), dim=-1)
 
@@ -93,9 +117,15 @@ class KLUtility(ReadoutUtility):
         reference = self.reference(batch)
         times = hidden.shape[0] // len(batch)
         mask = batch.response_mask.to(hidden.device).repeat(times, 1)
-        log_p = self._log_probs(model, hidden, mask)
-        log_ref = reference.to(log_p.device).repeat(times, 1)
-        kl = (log_ref.exp() * (log_ref - log_p)).sum(-1)  # [times * N_r]
+        selected = hidden[mask]  # [times * N_r, d], variant-major like the mask
+        kl = []
+        for start in range(0, selected.shape[0], self.chunk_positions):
+            log_p = self._log_probs(model, selected[start:start + self.chunk_positions])
+            # Row i of the variants reads reference row i mod N_r.
+            index = torch.arange(start, start + log_p.shape[0]) % reference.shape[0]
+            log_ref = reference[index.to(reference.device)].to(log_p.device)
+            kl.append((log_ref.exp() * (log_ref - log_p)).sum(-1))
+        kl = torch.cat(kl) if kl else selected.new_zeros(0)  # [times * N_r]
         rows = mask.nonzero()[:, 0]
         total = torch.zeros(hidden.shape[0], dtype=kl.dtype, device=kl.device).index_add(0, rows, kl)
         count = torch.zeros_like(total).index_add(0, rows, torch.ones_like(kl))
