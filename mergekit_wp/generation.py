@@ -69,7 +69,8 @@ def generate(
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     outputs: list[str] = [""] * len(prompts)
     starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="generate", disable=not progress, leave=False):
+    label = f"generate {len(prompts)} responses x {max_new_tokens} tokens"
+    for start in tqdm(starts, desc=label, unit="batch", disable=not progress, leave=False):
         index = order[start : start + batch_size]
         input_ids, attention_mask, _ = encode_left_padded(
             tokenizer, [prompts[i] for i in index], device, model

@@ -34,7 +34,7 @@ def load_examples(data: DataConfig, tokenizer, sft: nn.Module | None = None, nee
     else:
         rows = [(str(e.key), e.prompt, e.reference) for e in load_domain(data.source)]
     rows = rows[: data.max_examples]
-    prompts = [render_chat(tokenizer, text) if data.chat else text for _, text, _ in rows]
+    prompts = [_rendered(tokenizer, text, data) for _, text, _ in rows]
     if not need_responses:
         return [Example(key, prompt) for (key, _, _), prompt in zip(rows, prompts)]
     if data.responses == "reference":
@@ -45,8 +45,23 @@ def load_examples(data: DataConfig, tokenizer, sft: nn.Module | None = None, nee
     else:
         if sft is None:
             raise ValueError("generating responses needs the specialized model")
-        responses = generate(sft, tokenizer, prompts, max_new_tokens=data.max_new_tokens)
+        responses = generate(sft, tokenizer, prompts, max_new_tokens=data.max_new_tokens,
+                             progress=True)
     return [Example(key, p, r) for (key, _, _), p, r in zip(rows, prompts, responses)]
+
+
+def _rendered(tokenizer, text: str, data: DataConfig) -> str:
+    if not data.chat:
+        return text
+    try:
+        return render_chat(tokenizer, text)
+    except ValueError:
+        if getattr(tokenizer, "chat_template", None):
+            raise
+        raise ValueError(
+            f"{data.source}: the tokenizer {tokenizer.name_or_path!r} has no chat template; set "
+            "`data.chat: false` to score the raw prompts (e.g. a base model or code completion)"
+        ) from None
 
 
 def encode_with_responses(tokenizer, examples: Sequence[Example]) -> TokenBatch:
