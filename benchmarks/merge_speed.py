@@ -25,7 +25,11 @@ from pathlib import Path
 TIME_TARGET, MEMORY_TARGET = 1.15, 1.10
 
 
-def build_inputs(root: Path, seed: int = 0) -> dict[str, dict]:
+SHAPE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+         "num_attention_heads": 12, "num_key_value_heads": 4, "tie_word_embeddings": False}
+
+
+def build_inputs(root: Path, seed: int = 0, shape: dict | None = None) -> dict[str, dict]:
     """Base, two experts (base + small noise) and their score maps; returns both recipes."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
@@ -33,15 +37,7 @@ def build_inputs(root: Path, seed: int = 0) -> dict[str, dict]:
     from mergekit_wp.components import load_shape
     from mergekit_wp.scoremap import ScoreMap, write_score_map
 
-    config = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**(shape or SHAPE))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())

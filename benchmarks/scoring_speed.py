@@ -99,11 +99,12 @@ def plain_step(model, batches: list[TokenBatch]) -> None:
 def wp_attr(base, sft, batches, utility) -> torch.Tensor:
     """WP-attr as the pipeline runs it: the sft's forward, then the base's forward + backward."""
     total = None
+    deltas: dict[str, torch.Tensor] = {}  # Δθ once per run, as the pipeline keeps it
     for batch in batches:
         with torch.no_grad():
             f_sft = utility(sft, batch).double().cpu()
         weights = partial(gap_weights, f_sft=f_sft, gap_floor=1e-6)
-        parts = gradient_pass(base, sft, batch, utility, weights)["wp_attr"]
+        parts = gradient_pass(base, sft, batch, utility, weights, deltas=deltas)["wp_attr"]
         heads = parts["q"] + parts["o"]
         total = heads if total is None else total + heads
     return total
