@@ -90,24 +90,19 @@ class KLUtility(ReadoutUtility):
         reference = self.reference(batch)
         return torch.zeros(len(batch), dtype=reference.dtype, device=reference.device)
 
+    @torch.no_grad()
     def reference(self, batch: TokenBatch) -> torch.Tensor:
         """log p_sft at the batch's response positions `[N_r, vocab]`, computed once per batch."""
-        if "kl_reference" not in batch.cache:
-            with torch.no_grad():
-                self._keep_reference(batch, forward_to(self.sft, batch, self.layer))
-        return batch.cache["kl_reference"]
-
-    @torch.no_grad()
-    def _keep_reference(self, batch: TokenBatch, hidden: torch.Tensor) -> None:
         if batch.response_mask is None:
             raise ValueError(
                 "the KL utility needs batches with a response_mask (prompt + response)")
-        if "kl_reference" in batch.cache:
-            return
-        selected = hidden.detach()[batch.response_mask.to(hidden.device)]
-        chunks = [self._log_probs(self.sft, selected[s:s + self.chunk_positions])
-                  for s in range(0, selected.shape[0], self.chunk_positions)]
-        batch.cache["kl_reference"] = torch.cat(chunks)
+        if "kl_reference" not in batch.cache:
+            hidden = forward_to(self.sft, batch, self.layer)
+            selected = hidden[batch.response_mask.to(hidden.device)]
+            chunks = [self._log_probs(self.sft, selected[s:s + self.chunk_positions])
+                      for s in range(0, selected.shape[0], self.chunk_positions)]
+            batch.cache["kl_reference"] = torch.cat(chunks)
+        return batch.cache["kl_reference"]
 
     def _log_probs(self, model: nn.Module, selected: torch.Tensor) -> torch.Tensor:
         logits = logits_from_hidden(model, selected)[..., : self.vocab]
