@@ -214,3 +214,21 @@ def test_response_generation_shows_progress(tmp_path, tiny_tokenizer, capsys):
                              model, need_responses=True)
     assert len(examples) == 5 and all(e.response is not None for e in examples)
     assert "generate 5 responses x 3 tokens" in capsys.readouterr().err
+
+
+def test_gradients_are_consumed_as_backward_produces_them(monkeypatch):
+    base, sft = model_pair("llama", dtype=torch.float32)
+    kl = KLUtility(sft)
+    batch = _batch(0)
+    _, _, weights = batch_context(base, sft, batch, kl, 1e-6)
+    names = {id(p): name for name, p in base.named_parameters()}
+    order = []
+    original = attribution.task_delta
+    monkeypatch.setattr(attribution, "task_delta",
+                        lambda b, s: order.append(names[id(b)]) or original(b, s))
+    gradient_pass(base, sft, batch, kl, weights)
+    # Backward reaches the last layer first: its tensors are scored (and their gradients
+    # dropped) before the first layer's gradients exist.
+    last = model_shape(base).num_hidden_layers - 1
+    assert order[0].startswith(f"model.layers.{last}.") and order[-1].startswith("model.layers.0.")
+    assert all(p.grad is None and not p.requires_grad for p in base.parameters())

@@ -86,7 +86,8 @@ def gradient_pass(
     "utility": {"f_base": [B], "weights": [B]}}` (fp64, on the CPU). `weights` `[B]` are 1/G(x)
     (0 for skipped examples), or a function of F(M_base, x) giving them, so the pass's own
     forward doubles as the base's gap forward. `deltas` is the caller's cache of Δθ (see
-    `task_delta`): pass one dict for every batch of a run so Δθ is computed once per run.
+    `task_delta`): pass one dict for every batch of a run so Δθ is computed once per run; it
+    takes the memory the gradients no longer hold at once.
     """
     shape = model_shape(base)
     stop = stop_layer(utility, base)
@@ -98,35 +99,46 @@ def gradient_pass(
         with torch.no_grad(), recording_site_inputs(sft, stop, sft_acts):
             utility(sft, batch)
     acts: dict[tuple[int, str], torch.Tensor] = {}
-    for slot in slots:
-        params[slot.name].requires_grad_(True)
+    deltas = {} if deltas is None else deltas
+    parts = empty_parts(shape)
+
+    def consume(slot: _Slot) -> Callable[[torch.Tensor], None]:
+        # Each gradient is folded into its unit sums as backward produces it and then dropped,
+        # so the gradients of the whole model never coexist (a model's worth of memory).
+        def hook(param: torch.Tensor) -> None:
+            grad, param.grad = param.grad, None
+            if slot.name not in deltas:
+                deltas[slot.name] = task_delta(param, sft_params[slot.name])
+            delta = deltas[slot.name]
+            sums = unit_sums(delta * grad.to(delta.dtype), slot.role, shape)
+            parts[slot.role.part][slot.layer] += sums.double().cpu()
+
+        return hook
+
+    handles = []
     try:
+        for slot in slots:
+            params[slot.name].requires_grad_(True)
+            handles.append(params[slot.name].register_post_accumulate_grad_hook(consume(slot)))
         with torch.enable_grad(), recording_site_inputs(base, stop, acts, grad=ap_attr):
             values = utility(base, batch)
             f_base = values.detach().double().cpu()
             weights = weights(f_base) if callable(weights) else weights.double().cpu()
             loss = (values.double() * weights.to(values.device)).sum()
             act_keys = sorted(acts) if ap_attr else []
-            inputs = [params[s.name] for s in slots] + [acts[k] for k in act_keys]
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            loss.backward(inputs=[params[s.name] for s in slots] + [acts[k] for k in act_keys])
     finally:
+        for handle in handles:
+            handle.remove()
         for slot in slots:
             params[slot.name].requires_grad_(False)
+            params[slot.name].grad = None
     out: dict[str, dict[str, torch.Tensor]] = {"utility": {"f_base": f_base, "weights": weights}}
     if wp_attr:
-        deltas = {} if deltas is None else deltas
-        parts = empty_parts(shape)
-        for slot, grad in zip(slots, grads):
-            if grad is None:
-                continue
-            if slot.name not in deltas:
-                deltas[slot.name] = task_delta(params[slot.name], sft_params[slot.name])
-            delta = deltas[slot.name]
-            values = unit_sums(delta * grad.to(delta.dtype), slot.role, shape)
-            parts[slot.role.part][slot.layer] += values.double().cpu()
         out["wp_attr"] = parts
     if ap_attr:
-        out["ap_attr"] = _activation_scores(shape, act_keys, grads[len(slots):], acts, sft_acts)
+        act_grads = tuple(acts[k].grad for k in act_keys)
+        out["ap_attr"] = _activation_scores(shape, act_keys, act_grads, acts, sft_acts)
     return out
 
 
