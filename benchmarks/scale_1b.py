@@ -4,7 +4,8 @@ Random weights built locally and cached under `out/bench-scale/<shape>/` (a base
 = base + noise, bf16 checkpoints, with random score maps for the merge). KL utility throughout.
 
 - WP-attr time / one plain forward+backward (fp32 and bf16), and WP-attr's peak memory in units
-  of one model's weights in that dtype (targets: <= 1.5 and <= 3).
+  of one model's weights in that dtype (targets: <= 1.5 and <= 3); the overlap of the bf16 and
+  fp32 maps' top-20 heads by |score| (what `dtype: auto` trades on a CPU with native bf16).
 - Exact head-level WP (batched, prefix-shared) / naive copy-and-forward (copy the base, swap in
   one head's slices, run the whole model) per head, on a subset of heads (target >= 20x on GPU).
 - Peak memory (models included) of exact WP under KL with 32 and 96 response tokens, bf16 (the
@@ -41,7 +42,7 @@ from mergekit_wp.scoring.utility import KLUtility, batch_context
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmarks, whose helpers are reused
 from merge_speed import build_inputs, report, run_child
-from scoring_speed import _print, _rss, _timed, plain_step, random_batches, wp_attr
+from scoring_speed import _print, _rss, _timed, overlap, plain_step, random_batches, wp_attr
 
 SHAPES = {
     "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
@@ -119,8 +120,9 @@ def load(root: Path, name: str, dtype: torch.dtype, device: str):
     return model.to(device).eval().requires_grad_(False)
 
 
-def attribution_figures(root: Path, dtype: torch.dtype, device: str, args) -> dict[str, float]:
-    """WP-attr / plain fwd+bwd and WP-attr's peak / one model's weights, in `dtype`."""
+def attribution_figures(root: Path, dtype: torch.dtype, device: str,
+                        args) -> tuple[dict, torch.Tensor]:
+    """WP-attr / plain fwd+bwd and WP-attr's peak / one model's weights, in `dtype`; the heads."""
     rss_before = _rss()
     base, sft = load(root, "base", dtype, device), load(root, "expert-a", dtype, device)
     shape = ModelShape.from_config(base.config)
@@ -130,14 +132,14 @@ def attribution_figures(root: Path, dtype: torch.dtype, device: str, args) -> di
     memory = PeakMemory(device)
     wp_attr(base, sft, fresh(batches[:1]), utility)  # warm-up
     with memory.measure():
-        attr, _ = _timed(device, lambda: wp_attr(base, sft, fresh(batches), utility))
+        attr, heads = _timed(device, lambda: wp_attr(base, sft, fresh(batches), utility))
     peak = memory.peak - (0 if device.startswith("cuda") else rss_before)
     plain_step(base, batches[:1])  # warm-up
     plain, _ = _timed(device, lambda: plain_step(base, batches))
     name = str(dtype).removeprefix("torch.")
     return {f"{name}_wp_attr_s": attr, f"{name}_plain_fwd_bwd_s": plain,
             f"{name}_wp_attr_over_plain": attr / plain,
-            f"{name}_wp_attr_peak_over_weights": peak / weight_bytes(base)}
+            f"{name}_wp_attr_peak_over_weights": peak / weight_bytes(base)}, heads
 
 
 def exact_figures(root: Path, dtype: torch.dtype, device: str, args) -> dict[str, float]:
@@ -222,8 +224,14 @@ def main() -> None:
     figures: dict[str, object] = {"shape": args.shape, "device": args.device,
                                   "examples": args.examples, "length": args.length}
     if "attr" not in args.skip:
+        heads = {}
         for dtype in (torch.float32, torch.bfloat16):
-            figures |= attribution_figures(root, dtype, args.device, args)
+            found, heads[dtype] = attribution_figures(root, dtype, args.device, args)
+            figures |= found
+        # What `dtype: auto` trades on a bf16 CPU: the top-20 heads of the bf16 map vs fp32.
+        top = min(20, heads[torch.float32].numel())
+        figures["wp_attr_top20_heads_overlap_bf16_vs_fp32"] = overlap(
+            heads[torch.bfloat16].abs(), heads[torch.float32].abs(), top)
     if "exact" not in args.skip:
         figures |= exact_figures(root, torch.bfloat16, args.device, args)
     figures["scoring_wall_s"] = time.perf_counter() - started
