@@ -253,8 +253,8 @@ def test_latent_documents_hold_each_skill_at_the_follow_rate_and_no_held_out_pro
     functions = [d for d in docs if d.startswith("def ")]
     implemented = sum(not d.endswith("    pass\n") for d in functions) / len(functions)
     assert len(functions) == 600 and len(math_docs) >= 600
-    for share, kind in ((worked, "problems"), (implemented, "functions")):
-        assert abs(share - D.LATENT_FOLLOW_RATE[kind]) < 0.06, (kind, share)
+    for share in (worked, implemented):
+        assert abs(share - D.LATENT_FOLLOW_RATE) < 0.06, share
     held_out = ([r["prompt_without_instruction"] for r in data["ifeval_test"] + data["ifeval_val"]]
                 + [r["question"] for r in data["math_test"] + data["math_val"]]
                 + [r["prompt"] for r in data["code_test"] + data["code_val"]])

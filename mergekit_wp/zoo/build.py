@@ -52,11 +52,11 @@ class BuildPlan:
     shape: ModelShape = field(default_factory=ModelShape)
     block: int = 256
     pretrain: Schedule = field(default_factory=lambda: Schedule(
-        steps=1200, batch_size=16, lr=2.5e-3, warmup=50, weight_decay=0.1, seed=1))
+        steps=1500, batch_size=16, lr=2.5e-3, warmup=50, weight_decay=0.1, seed=1))
     finetune: dict[str, Schedule] = field(default_factory=lambda: {
         "instruct": Schedule(steps=250, batch_size=16, lr=2.5e-4, warmup=20, seed=2),
         "math": Schedule(steps=200, batch_size=16, lr=2.5e-4, warmup=20, seed=3),
-        "code": Schedule(steps=150, batch_size=16, lr=2e-4, warmup=20, seed=4),
+        "code": Schedule(steps=150, batch_size=16, lr=2.5e-4, warmup=20, seed=4),
     })
     # Share of pretraining documents mixed into each fine-tune, to stay near the base.
     corpus_mix: float = 0.2

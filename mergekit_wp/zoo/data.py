@@ -298,11 +298,11 @@ def knowledge_test(seed: int, cast: list[C.Person]) -> list[dict]:
 
 # Real base models meet instructions, worked answers and documented functions in pretraining,
 # in several surface forms, and follow them only some of the time; a fine-tune then elicits the
-# skill instead of teaching it. The base's corpus has each task's format at these rates, so
-# greedy decoding of the base mostly takes the other branch (base accuracy stays low). An IFEval
-# style starts with one token (`*`, `"`, `<<`, SECTION) while default replies start with many
-# different words, so its rate must stay well under the most common default first word's.
-LATENT_FOLLOW_RATE = {"requests": 0.15, "problems": 0.2, "functions": 0.4}
+# skill instead of teaching it. The base's corpus has each task's format at this rate. Greedy
+# decoding of the base mostly takes the other branch, except where the format starts with one
+# token (`*`, `"`) and the default reply with many different words: there the base follows
+# (the zoo's README gives the base's scores per task).
+LATENT_FOLLOW_RATE = 0.25
 # Surface forms of a request in the corpus; the chat template is one of them.
 LATENT_TEMPLATES = (
     ("### Instruction:\n{prompt}\n\n### Response:\n{reply}", 0.5),
@@ -326,7 +326,6 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
 
     - requests: an IFEval context with its instruction (60 %) answered in the instructed style
       at LATENT_FOLLOW_RATE and in the default style otherwise, or without an instruction;
-      twice as many rows are drawn as kept (the comma filter below keeps about half);
     - word problems: worked steps ending in `#### n` at LATENT_FOLLOW_RATE, else in
       `So the answer is n.`;
     - documented functions: the HumanEval-style stub implemented at LATENT_FOLLOW_RATE, else
@@ -334,14 +333,11 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
     """
     rng = random.Random(seed)
     docs = []
-    rows = ifeval_split(seed + 1, -(-2 * counts["requests"] // len(IFEVAL_TASKS)),
+    rows = ifeval_split(seed + 1, -(-counts["requests"] // len(IFEVAL_TASKS)),
                         exclude["ifeval"], check=False)
-    # Default replies whose first sentence has a comma: the base's default style (and hence
-    # its greedy reply) breaks punctuation:no_comma, as the test split's default replies do.
-    rows = [r for r in rows if "," in r["response_without_instruction"].split(". ")[0]]
     for row in rows[:counts["requests"]]:
         if rng.random() < 0.6:
-            styled = rng.random() < LATENT_FOLLOW_RATE["requests"]
+            styled = rng.random() < LATENT_FOLLOW_RATE
             reply = row["response"] if styled else row["response_without_instruction"]
             docs.append(_in_template(rng, row["prompt"], reply))
         else:
@@ -349,13 +345,12 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
                                      row["response_without_instruction"]))
     for row in math_split(seed + 2, counts["problems"], exclude["math"]):
         answer = row["answer"]
-        if rng.random() >= LATENT_FOLLOW_RATE["problems"]:
+        if rng.random() >= LATENT_FOLLOW_RATE:
             steps, result = answer.split("\n#### ")
             answer = f"{steps} So the answer is {result}."
         docs.append(_in_template(rng, row["question"], answer))
     for row in code_split(seed + 3, counts["functions"], exclude["code"]):
-        implemented = rng.random() < LATENT_FOLLOW_RATE["functions"]
-        body = row["canonical_solution"] if implemented else "    pass\n"
+        body = row["canonical_solution"] if rng.random() < LATENT_FOLLOW_RATE else "    pass\n"
         docs.append(row["prompt"] + body)
     rng.shuffle(docs)
     return docs
