@@ -232,3 +232,18 @@ def test_gradients_are_consumed_as_backward_produces_them(monkeypatch):
     last = model_shape(base).num_hidden_layers - 1
     assert order[0].startswith(f"model.layers.{last}.") and order[-1].startswith("model.layers.0.")
     assert all(p.grad is None and not p.requires_grad for p in base.parameters())
+
+
+def test_ap_attr_under_kl_reads_the_experts_activations_when_its_reference_is_cached():
+    # The pipeline's gap step fills the batch's KL reference first; AP-attr still needs the
+    # expert's activations, so it must run the expert itself (it crashed with a KeyError).
+    base, sft = model_pair("llama", dtype=torch.float64)
+    kl = KLUtility(sft)
+    fresh = gradient_pass(base, sft, _batch(2), kl, torch.ones(3), ap_attr=True)
+    cached = _batch(2)
+    kl(sft, cached)
+    assert "kl_reference" in cached.cache
+    again = gradient_pass(base, sft, cached, kl, torch.ones(3), ap_attr=True)
+    for key in ("heads", "neurons"):
+        assert torch.allclose(again["ap_attr"][key], fresh["ap_attr"][key], rtol=1e-9, atol=1e-12)
+        assert fresh["ap_attr"][key].abs().sum() > 0

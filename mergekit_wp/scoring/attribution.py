@@ -14,7 +14,13 @@ import torch
 from torch import nn
 
 from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape, TensorRole
-from mergekit_wp.scoring.runner import TokenBatch, model_shape, recording_site_inputs, role_of
+from mergekit_wp.scoring.runner import (
+    TokenBatch,
+    forward_to,
+    model_shape,
+    recording_site_inputs,
+    role_of,
+)
 from mergekit_wp.scoring.utility import Utility, compute_dtype
 
 
@@ -96,8 +102,10 @@ def gradient_pass(
     sft_params = dict(sft.named_parameters())
     sft_acts: dict[tuple[int, str], torch.Tensor] = {}
     if ap_attr:
+        # A forward of its own: the utility may answer for the expert from the batch's cache
+        # (the KL reference) without running it.
         with torch.no_grad(), recording_site_inputs(sft, stop, sft_acts):
-            utility(sft, batch)
+            forward_to(sft, batch, stop)
     acts: dict[tuple[int, str], torch.Tensor] = {}
     deltas = {} if deltas is None else deltas
     parts = empty_parts(shape)
