@@ -506,3 +506,14 @@ def test_zoo_build_needs_an_out_folder(tmp_path, monkeypatch):
     a_file.write_text("")
     result = CliRunner().invoke(main, ["zoo", "build", "--quick", "--out", str(a_file)])
     assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_anchor_files_get_the_users_umask(tmp_path):
+    from mergekit_wp.scoring.anchor import Anchor, load_anchor, save_anchor
+
+    anchor = Anchor(1, torch.randn(2, 4, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+                    "title", None, 3)
+    path = tmp_path / "anchor.safetensors"
+    save_anchor(path, anchor)
+    assert path.stat().st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600
+    assert load_anchor(path).layer == 1

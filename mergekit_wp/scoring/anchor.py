@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from mergekit_wp import generation
 from mergekit_wp.checkers import ifeval_follows
 from mergekit_wp.components import ModelShape
+from mergekit_wp.paths import file_mode
 from mergekit_wp.scoring.data import PairedExample, split_paired
 from mergekit_wp.scoring.hooks import SteerMode, capture_residuals, steering
 
@@ -320,6 +321,7 @@ def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the anchor gets the user's umask
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
