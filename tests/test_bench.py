@@ -412,3 +412,13 @@ def test_the_table_marks_the_best_and_ranks_ours_against_the_best_baseline():
     csv_rows = list(csv.DictReader(to_csv(table).splitlines()))
     assert [r["rank"] for r in csv_rows] == ["3", "1", "2", "", "2", "3", "1"]
     assert csv_rows[1]["validation Avg"] == "12.0" and csv_rows[3]["note"].startswith("Merge")
+
+
+def test_equal_averages_tie_whatever_the_float_order():
+    from mergekit_wp.evaluation.table import Row
+
+    avg = Row("x+y", "linear", {"A": 87.5, "B": 97.91666666666666, "C": 0.0, "D": 100.0})
+    ours = Row("x+y", "wp_attr", {"A": 70.83333333333334, "B": 100.0, "C": 14.583333333333334,
+                                  "D": 100.0})
+    assert sum(ours.scores.values()) / 4 != sum(avg.scores.values()) / 4  # float noise
+    assert ours.average == avg.average

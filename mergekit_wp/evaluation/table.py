@@ -53,7 +53,9 @@ class Row:
 
     @property
     def average(self) -> float:
-        return sum(self.scores.values()) / len(self.scores)
+        # Rounded far below any score's resolution, so that equal results summed in another
+        # order (71.35416666666667 vs ...666) tie in ranks, margins and wins.
+        return round(sum(self.scores.values()) / len(self.scores), 9)
 
 
 @dataclass(frozen=True)
