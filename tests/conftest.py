@@ -56,3 +56,12 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     config = LlamaConfig(**{"vocab_size": vocab_size, **TINY_SHAPE, **overrides})
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: tiny models on shared cores mostly spin with more."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,14 +13,7 @@ from mergekit_wp.scoring.runner import TokenBatch
 from mergekit_wp.scoring.utility import AnchorUtility, KLUtility, batch_context
 from tests.test_scoring_helpers import model_pair
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on shared cores: more than one intra-op thread mostly spins.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed: int = 0, with_response: bool = False, padded: bool = True) -> TokenBatch:

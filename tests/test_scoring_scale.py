@@ -17,13 +17,7 @@ from mergekit_wp.scoring.runner import TokenBatch, forward_to, model_shape
 from mergekit_wp.scoring.utility import KLUtility, batch_context, gap_weights
 from tests.test_scoring_helpers import model_pair, write_domain
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _batch(seed: int, vocab: int = 300, rows: int = 3, width: int = 10, response: int = 4) -> TokenBatch:
