@@ -36,8 +36,8 @@ from transformers import AutoModelForCausalLM
 
 from mergekit_wp.components import Component, ModelShape
 from mergekit_wp.scoring.exact import layer_sums
+from mergekit_wp.scoring.forward import TokenBatch, trace, weight_bytes
 from mergekit_wp.scoring.patching import restore
-from mergekit_wp.scoring.runner import TokenBatch, trace, weight_bytes
 from mergekit_wp.scoring.utility import KLUtility, batch_context
 
 sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmarks, whose helpers are reused

@@ -28,9 +28,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mergekit_wp.components import Component, ModelShape
 from mergekit_wp.scoring.attribution import gradient_pass
 from mergekit_wp.scoring.exact import batch_scores, layer_sums
+from mergekit_wp.scoring.forward import TokenBatch, trace, weight_bytes
 from mergekit_wp.scoring.hooks import capture_residuals
 from mergekit_wp.scoring.patching import restore
-from mergekit_wp.scoring.runner import TokenBatch, trace, weight_bytes
 from mergekit_wp.scoring.utility import AnchorUtility, batch_context, gap_weights
 
 SHAPES = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 Unit = Literal["head", "kv_group", "neuron"]
@@ -145,6 +145,23 @@ class ModelShape:
             intermediate_size=int(get("intermediate_size")),
             vocab_size=int(get("vocab_size")),
         )
+
+    # --- compatibility -------------------------------------------------------------------
+    def check_compatible(self, other: ModelShape, mine: str, theirs: str, why: str) -> None:
+        """Raise ValueError unless `other` splits into the same components as this model.
+
+        `mine` / `theirs` name the two models in the message, `why` says who needs them equal.
+        The vocabulary may differ (added tokens are aligned to the base's rows); the family
+        follows the architecture.
+        """
+        for field in fields(ModelShape):
+            if field.name in ("vocab_size", "family"):
+                continue
+            if getattr(self, field.name) != getattr(other, field.name):
+                raise ValueError(
+                    f"{theirs} has {field.name}={getattr(other, field.name)}, but {mine} has "
+                    f"{field.name}={getattr(self, field.name)}; {why}"
+                )
 
     # --- units -------------------------------------------------------------------------
     @property

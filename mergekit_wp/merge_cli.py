@@ -15,14 +15,14 @@ from mergekit.merge_methods import registered_methods
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from pydantic import ValidationError
 
-from mergekit_wp.merge_method import check_wp_recipe
-from mergekit_wp.paths import (
+from mergekit_wp.io import (
     check_model,
     check_output_dir,
     check_weights,
     publish_dir,
     staging_dir,
 )
+from mergekit_wp.merge_method import check_wp_recipe
 
 
 def check_method(name: str) -> None:

@@ -7,7 +7,6 @@ head, KV group or neuron is asked of `mergekit_wp.components`; this module only 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -36,7 +35,7 @@ from mergekit.plan import MergePlanner
 from pydantic import AfterValidator, ValidationError
 
 from mergekit_wp.components import ModelShape, TensorRole, load_shape
-from mergekit_wp.paths import is_hub_id
+from mergekit_wp.io import is_hub_id
 from mergekit_wp.scoremap import ScoreMap, ScoreMapError, read_score_map
 
 METHOD_NAME = "wp"
@@ -113,16 +112,8 @@ def check_same_architecture(base: Hashable, experts: Sequence[Hashable]) -> None
     """Raise ValueError unless every expert has the base's architecture and dimensions."""
     want = model_shape(base)
     for expert in experts:
-        have = model_shape(expert)
-        for field in dataclasses.fields(ModelShape):
-            if field.name in ("vocab_size", "family"):
-                continue  # added tokens are aligned to the base; family follows architecture
-            if getattr(have, field.name) != getattr(want, field.name):
-                raise ValueError(
-                    f"wp: expert {expert} has {field.name}={getattr(have, field.name)}, but the "
-                    f"base {base} has {field.name}={getattr(want, field.name)}; wp fuses experts "
-                    "fine-tuned from the same base model"
-                )
+        want.check_compatible(model_shape(expert), f"the base {base}", f"wp: expert {expert}",
+                              "wp fuses experts fine-tuned from the same base model")
 
 
 def check_same_vocabulary(base: Hashable, experts: Sequence[Hashable]) -> None:
@@ -150,7 +141,7 @@ def model_identity(reference: Hashable) -> tuple[str, str] | None:
     compare equal; None when it names neither here (e.g. a folder of another machine)."""
     text = str(reference.model.path if isinstance(reference, ModelReference) else reference)
     if text.startswith("zoo:"):  # how scoring configs name the micro zoo
-        from mergekit_wp.scoring.config import resolve_model
+        from mergekit_wp.io import resolve_model
 
         try:
             text = resolve_model(text)

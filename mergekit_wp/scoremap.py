@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape
-from mergekit_wp.paths import file_mode
+from mergekit_wp.io import file_mode
 
 FORMAT = "mergekit-wp/score-map"
 VERSION = "1"

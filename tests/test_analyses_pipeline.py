@@ -10,9 +10,9 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+from mergekit_wp.analyses.analyze import ANALYSES, options_for, run_analyses
 from mergekit_wp.analyses.config import load_config, parse_config
 from mergekit_wp.analyses.knockout import select
-from mergekit_wp.analyses.runner import ANALYSES, options_for, run_analyses
 from mergekit_wp.analyses.study import Study
 from mergekit_wp.cli import main
 from tests.analyses_fixtures import make_study

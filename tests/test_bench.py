@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mergekit_wp.cli import main
 from mergekit_wp.evaluation import bench as bench_module
-from mergekit_wp.evaluation import runner
+from mergekit_wp.evaluation import harness
 from mergekit_wp.evaluation.bench import load_bench, merge_one, run_bench
 from mergekit_wp.zoo.tokenizer import train_tokenizer
 
@@ -150,7 +150,7 @@ def test_reduced_grid_writes_the_table_and_reruns_from_cache(project, monkeypatc
         raise AssertionError("a cached step ran again")
 
     monkeypatch.setattr(bench_module, "merge_one", refuse)
-    monkeypatch.setattr("mergekit_wp.evaluation.runner.evaluate_model", refuse)
+    monkeypatch.setattr("mergekit_wp.evaluation.harness.evaluate_model", refuse)
     again = run_bench(project / "bench.yml")
     assert again.table == result.table
 
@@ -236,7 +236,7 @@ def validated(project, tmp_path, monkeypatch):
         calls.append((suite.name, Path(out_dir).relative_to(tmp_path).as_posix()))
         return knob_scores(Path(folder), suite)
 
-    monkeypatch.setattr(runner, "evaluate_model", evaluate)
+    monkeypatch.setattr(harness, "evaluate_model", evaluate)
     bench = tmp_path / "bench.yml"
     bench.write_text(
         (project / "bench.yml")

@@ -17,7 +17,7 @@ from lm_eval.tasks._yaml_loader import load_yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergekit_wp import checkers, zoo
-from mergekit_wp.evaluation.runner import evaluate_model, torch_threads
+from mergekit_wp.evaluation.harness import evaluate_model, torch_threads
 from mergekit_wp.generation import generate, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]

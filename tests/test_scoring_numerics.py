@@ -8,8 +8,8 @@ import torch
 from mergekit_wp.components import Component, ModelShape
 from mergekit_wp.scoring.attribution import gradient_pass
 from mergekit_wp.scoring.exact import batch_scores, exact_scores
+from mergekit_wp.scoring.forward import TokenBatch
 from mergekit_wp.scoring.patching import ablate, restore, set_effect
-from mergekit_wp.scoring.runner import TokenBatch
 from mergekit_wp.scoring.utility import AnchorUtility, KLUtility, batch_context
 from tests.test_scoring_helpers import model_pair
 

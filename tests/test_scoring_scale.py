@@ -8,12 +8,13 @@ import logging
 import pytest
 import torch
 
-from mergekit_wp.scoring import attribution, pipeline, utility
+from mergekit_wp import io as model_io
+from mergekit_wp.scoring import attribution, utility
 from mergekit_wp.scoring.attribution import gradient_pass
 from mergekit_wp.scoring.config import DataConfig
 from mergekit_wp.scoring.exact import batch_scores, layer_sums
+from mergekit_wp.scoring.forward import TokenBatch, forward_to, model_shape
 from mergekit_wp.scoring.inputs import load_examples
-from mergekit_wp.scoring.runner import TokenBatch, forward_to, model_shape
 from mergekit_wp.scoring.utility import KLUtility, batch_context, gap_weights
 from tests.test_scoring_helpers import model_pair, write_domain
 
@@ -156,18 +157,18 @@ def _cpuinfo(tmp_path, flags: str):
     ("avx512f avx512_bf16", "bfloat16"), ("amx_tile amx_bf16", "bfloat16"), ("avx512f", "float32"),
 ])
 def test_auto_dtype_follows_native_bf16_and_says_why(tmp_path, monkeypatch, caplog, flags, expected):
-    monkeypatch.setattr(pipeline, "_CPUINFO", _cpuinfo(tmp_path, flags))
-    with caplog.at_level(logging.INFO, logger=pipeline.__name__):
-        assert pipeline.resolve_dtype("auto", "cpu") == expected
+    monkeypatch.setattr(model_io, "_CPUINFO", _cpuinfo(tmp_path, flags))
+    with caplog.at_level(logging.INFO, logger=model_io.__name__):
+        assert model_io.resolve_dtype("auto", "cpu") == expected
     assert f"dtype: auto -> {expected}" in caplog.text
     assert ("has native bf16 (" in caplog.text) == (expected == "bfloat16")
-    assert pipeline.resolve_dtype("float32", "cpu") == "float32"  # an explicit dtype is kept
-    assert pipeline.auto_dtype("cuda:0")[0] == "bfloat16"
+    assert model_io.resolve_dtype("float32", "cpu") == "float32"  # an explicit dtype is kept
+    assert model_io.auto_dtype("cuda:0")[0] == "bfloat16"
 
 
 def test_auto_dtype_without_cpuinfo_is_fp32(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "_CPUINFO", tmp_path / "missing")
-    assert pipeline.auto_dtype("cpu")[0] == "float32"
+    monkeypatch.setattr(model_io, "_CPUINFO", tmp_path / "missing")
+    assert model_io.auto_dtype("cpu")[0] == "float32"
 
 
 def test_exact_layers_report_progress_per_chunk_of_units():

@@ -4,7 +4,7 @@
 and `report.md` / `index.html` link them.
 """
 
+from mergekit_wp.analyses.analyze import ANALYSES, run_analyses
 from mergekit_wp.analyses.config import AnalysisConfig, load_config, parse_config
-from mergekit_wp.analyses.runner import ANALYSES, run_analyses
 
 __all__ = ["ANALYSES", "AnalysisConfig", "load_config", "parse_config", "run_analyses"]

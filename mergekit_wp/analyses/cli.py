@@ -18,8 +18,8 @@ def analyze(config: Path, only: tuple[str, ...], output: Path | None) -> None:
     """Run the analyses of CONFIG (one YAML in scoring/) into a report folder."""
     from dataclasses import replace
 
+    from mergekit_wp.analyses.analyze import run_analyses
     from mergekit_wp.analyses.config import load_config
-    from mergekit_wp.analyses.runner import run_analyses
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

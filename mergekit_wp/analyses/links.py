@@ -22,7 +22,7 @@ from torch import nn
 
 from mergekit_wp.components import Component, ModelShape, TensorRole
 from mergekit_wp.scoring.attribution import gradient_pass
-from mergekit_wp.scoring.runner import TokenBatch, model_shape
+from mergekit_wp.scoring.forward import TokenBatch, model_shape
 from mergekit_wp.scoring.utility import Utility, batch_context
 
 

@@ -13,9 +13,9 @@ from mergekit_wp.scoremap import ScoreMap
 from mergekit_wp.scoring.anchor import ifeval_accuracy as _accuracy
 from mergekit_wp.scoring.attribution import gradient_pass
 from mergekit_wp.scoring.exact import exact_scores
+from mergekit_wp.scoring.forward import TokenBatch
 from mergekit_wp.scoring.inputs import Example, make_batches
 from mergekit_wp.scoring.patching import ablate, patched, patched_tensors, restore
-from mergekit_wp.scoring.runner import TokenBatch
 from mergekit_wp.scoring.utility import AnchorUtility, KLUtility, batch_context
 
 __all__ = ["ablate", "batches", "ifeval_accuracy", "patched", "patched_tensors", "restore", "score", "utility"]

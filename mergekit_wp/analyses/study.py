@@ -21,25 +21,10 @@ from mergekit_wp.analyses import scoring_api as api
 from mergekit_wp.analyses.config import AnalysisConfig
 from mergekit_wp.analyses.ranking import Kind, Region, layer_mask
 from mergekit_wp.components import Component, ModelShape, TensorGroupName
-from mergekit_wp.evaluation.io import fingerprint_path
+from mergekit_wp.io import load_model, reference_fingerprint, resolve_model
 from mergekit_wp.scoremap import ScoreMap, read_score_map, write_score_map
 from mergekit_wp.scoring.anchor import Anchor, fit_anchor, load_anchor, save_anchor
-from mergekit_wp.scoring.config import resolve_model
 from mergekit_wp.scoring.data import PairedExample, load_paired, resolve_source, split_paired
-
-
-def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> nn.Module:
-    """An HF causal LM (path, hub id or `zoo:NAME`) in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=getattr(torch, dtype))
-    return model.to(device).eval()
-
-
-def _content(reference: str | Path) -> str:
-    """What a local model folder or file holds (a rebuilt model at the same path is new input)."""
-    path = Path(reference)
-    return fingerprint_path(path) if path.exists() else str(reference)
 
 
 def _fingerprint(config: AnalysisConfig) -> str:
@@ -47,9 +32,9 @@ def _fingerprint(config: AnalysisConfig) -> str:
     keys = (config.base, config.instruct, config.scoring_data, config.examples, config.seed, config.dtype,
             config.max_new_tokens, config.anchor.layer, config.anchor.sweep_layers, config.anchor.sweep_examples,
             config.anchor.mode,
-            sorted((task, _content(path)) for task, path in config.anchor.files.items()),
-            [_content(resolve_model(m)) for m in (config.base, config.instruct)],
-            _content(resolve_source(config.scoring_data)))
+            sorted((task, reference_fingerprint(path)) for task, path in config.anchor.files.items()),
+            [reference_fingerprint(resolve_model(m)) for m in (config.base, config.instruct)],
+            reference_fingerprint(resolve_source(config.scoring_data)))
     return hashlib.sha256(repr(keys).encode()).hexdigest()[:12]
 
 
@@ -264,7 +249,7 @@ class Study:
             for task in self.tasks:
                 self.anchor(task)
                 files[task] = self.config.anchor.files.get(task, str(self.cache / f"anchor-{task}.safetensors"))
-            name = f"null control (seed {self.seed}) of {_content(resolve_model(self.config.instruct))}"
+            name = f"null control (seed {self.seed}) of {reference_fingerprint(resolve_model(self.config.instruct))}"
             config = dataclasses.replace(
                 self.config, instruct=name, anchor=dataclasses.replace(self.config.anchor, files=files),
                 scores=dataclasses.replace(self.config.scores, files={}),  # given maps are the real pair's

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from tqdm.auto import tqdm
 
-from mergekit_wp.evaluation.io import atomic_write_text, fingerprint_path, replace_dir
+from mergekit_wp.evaluation.harness import torch_threads
 from mergekit_wp.evaluation.recipes import (
     contract_problem,
     read_recipe,
@@ -35,7 +35,6 @@ from mergekit_wp.evaluation.recipes import (
     resolve_model_ref,
     score_paths,
 )
-from mergekit_wp.evaluation.runner import torch_threads
 from mergekit_wp.evaluation.suites import Suite, check_tasks, load_suite, task_manager
 from mergekit_wp.evaluation.table import Row, Table, write_table
 from mergekit_wp.evaluation.validation import (
@@ -47,6 +46,7 @@ from mergekit_wp.evaluation.validation import (
     setting_label,
     setting_slug,
 )
+from mergekit_wp.io import atomic_write_text, publish_dir, reference_fingerprint, resolve_model
 
 COMBINATIONS = ("code+instruction", "code+math", "instruction+math", "code+instruction+math")
 _DEMO_KEYS = {"methods", "limit", "out"}
@@ -340,13 +340,13 @@ def _score_producers(spec: BenchSpec) -> dict[Path, tuple[Path, str]]:
 def _score_stamp(spec: BenchSpec, config_path: Path) -> str:
     """Hash of a scoring config file and of the two models it reads: maps made from other
     inputs (a rebuilt zoo, an edited config) are stale."""
-    from mergekit_wp.scoring.config import load_config, resolve_model
+    from mergekit_wp.scoring.config import load_config
 
     config = load_config(config_path)
     digest = hashlib.sha256(config_path.read_bytes())
     for reference in (config.base, config.model):
         folder = resolve_model(reference)
-        digest.update((fingerprint_path(folder) if Path(folder).exists() else folder).encode())
+        digest.update(reference_fingerprint(folder).encode())
     return digest.hexdigest()
 
 
@@ -447,7 +447,7 @@ class _Keys:
     def printed(self, path: str | Path) -> str:
         key = str(path)
         if key not in self.prints:
-            self.prints[key] = fingerprint_path(path) if Path(path).exists() else key
+            self.prints[key] = reference_fingerprint(path)
         return self.prints[key]
 
     def merge(self, job: MergeJob) -> str:
@@ -486,7 +486,7 @@ def merge_one(config: dict[str, Any], out_dir: Path, seed: int, options: dict[st
         shutil.rmtree(tmp)
     merge_options = MergeOptions(**{"random_seed": seed, "quiet": True, **options})
     run_merge(MergeConfiguration.model_validate(config), str(tmp), merge_options)
-    replace_dir(tmp, out_dir)
+    publish_dir(tmp, out_dir)
 
 
 def _cached(folder: Path, key: str, marker: str) -> bool:
@@ -547,7 +547,7 @@ class _Evaluator:
 
     def __call__(self, label: str, folder: Path, model_key: str, out_dir: Path) -> dict[str, float]:
         """Scores of the model in `folder` (percent per column), from cache or lm-eval."""
-        from mergekit_wp.evaluation import runner
+        from mergekit_wp.evaluation import harness
 
         scores = self.cached(out_dir, model_key)
         if scores is not None:
@@ -559,7 +559,7 @@ class _Evaluator:
             )
             check_tasks(self.suite, self.manager)
         start = time.perf_counter()
-        report = runner.evaluate_model(
+        report = harness.evaluate_model(
             folder,
             self.suite,
             out_dir,
@@ -609,7 +609,7 @@ def _validate_run(spec: BenchSpec, run: MethodRun, evaluate: _Evaluator, keys: _
         if score > best_score:
             best, best_score = job, score
             if scratch.exists():
-                replace_dir(scratch, final)
+                publish_dir(scratch, final)
         if scratch.exists():
             shutil.rmtree(scratch)
     return best
@@ -686,7 +686,7 @@ def _score_merge_evaluate(spec: BenchSpec, stages: Stages) -> Table:
     with stages.stage("merge", f"({len(runs)} recipes)"):
         folders = run_merges(spec, runs, keys)
     models = {
-        name: (Path(ref), fingerprint_path(ref) if Path(ref).exists() else ref)
+        name: (Path(ref), reference_fingerprint(ref))
         for name, ref in references.items()
     }
     models.update({run.label: (folders[run.label], run.chosen.key) for run in runs})

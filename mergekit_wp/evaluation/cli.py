@@ -1,4 +1,4 @@
-"""Click commands `eval`, `bench` and `demo`: thin layers over runner, bench and demo."""
+"""Click commands `eval`, `bench` and `demo`: thin layers over harness, bench and demo."""
 
 from __future__ import annotations
 
@@ -101,9 +101,9 @@ def eval_command(
     threads,
 ) -> None:
     """Evaluate MODEL (folder or hub id) on an lm-eval suite; write results and a summary row."""
-    from mergekit_wp.evaluation.runner import evaluate_model
+    from mergekit_wp.evaluation.harness import evaluate_model
     from mergekit_wp.evaluation.suites import load_suite
-    from mergekit_wp.paths import check_model
+    from mergekit_wp.io import check_model
 
     try:
         loaded = load_suite(suite)

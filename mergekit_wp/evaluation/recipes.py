@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from mergekit_wp.evaluation.runner import check_model
+from mergekit_wp.evaluation.harness import check_model
 
 
 def contract_problem(merge_method: str, experts: int, with_base: bool) -> str | None:

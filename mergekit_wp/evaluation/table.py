@@ -8,7 +8,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from mergekit_wp.evaluation.io import atomic_write_bytes, atomic_write_text
+from mergekit_wp.io import atomic_write_bytes, atomic_write_text
 
 METHOD_LABELS = {
     "linear": "Avg",

@@ -16,7 +16,7 @@ _LOCAL = click.option(
 
 def _write(out: Path, rows: list[dict]) -> None:
     """JSON lines, written to a temporary file and renamed: no half-written file on failure."""
-    from mergekit_wp.evaluation.io import atomic_write_text
+    from mergekit_wp.io import atomic_write_text
 
     atomic_write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

@@ -13,7 +13,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "score": "pipeline", "ScoreRun": "pipeline", "load_model": "pipeline",
+    "score": "pipeline", "ScoreRun": "pipeline",
     "load_config": "config", "parse_config": "config", "ScoringConfig": "config",
     "AnchorUtility": "utility", "KLUtility": "utility", "ReadoutUtility": "utility", "gaps": "utility",
     "gradient_pass": "attribution",
@@ -21,7 +21,7 @@ _EXPORTS = {
     "exact_scores": "exact", "layer_sums": "exact", "batch_scores": "exact",
     "restore": "patching", "ablate": "patching", "patched": "patching", "patched_tensors": "patching",
     "set_effect": "patching",
-    "TokenBatch": "runner", "forward_to": "runner",
+    "TokenBatch": "forward", "forward_to": "forward",
     "make_batches": "inputs", "load_examples": "inputs",
     "summary": "report", "top_components": "report",
 }

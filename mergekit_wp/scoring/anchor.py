@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from mergekit_wp import generation
 from mergekit_wp.checkers import ifeval_follows
 from mergekit_wp.components import ModelShape
-from mergekit_wp.paths import file_mode
+from mergekit_wp.io import file_mode
 from mergekit_wp.scoring.data import PairedExample, split_paired
 from mergekit_wp.scoring.hooks import SteerMode, capture_residuals, steering
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape, TensorRole
-from mergekit_wp.scoring.runner import (
+from mergekit_wp.scoring.forward import (
     TokenBatch,
     forward_to,
     model_shape,

@@ -158,11 +158,3 @@ def with_output(data: dict, output: str) -> dict:
             data = data | {"utility": utility | {"anchor": str(moved)}}
     return data | {"output": output}
 
-
-def resolve_model(reference: str) -> str:
-    """A folder or hub id for `zoo:NAME` (mergekit_wp.zoo.model_path) or a plain reference."""
-    if reference.startswith("zoo:"):
-        from mergekit_wp.zoo import model_path
-
-        return str(model_path(reference[len("zoo:"):]))
-    return reference

@@ -20,7 +20,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mergekit_wp.components import ModelShape, Unit
-from mergekit_wp.scoring.runner import (
+from mergekit_wp.scoring.forward import (
     TokenBatch,
     Trace,
     decoder_layers,

@@ -11,7 +11,7 @@ from torch import nn
 from mergekit_wp.generation import encode_left_padded, generate, pad_token_id, render_chat
 from mergekit_wp.scoring.config import DataConfig
 from mergekit_wp.scoring.data import load_domain, load_paired, split_paired
-from mergekit_wp.scoring.runner import TokenBatch
+from mergekit_wp.scoring.forward import TokenBatch
 
 
 @dataclass(frozen=True)

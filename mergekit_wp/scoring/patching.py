@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from mergekit_wp.components import Component, TensorGroupName
-from mergekit_wp.scoring.runner import TokenBatch, model_shape
+from mergekit_wp.scoring.forward import TokenBatch, model_shape
 from mergekit_wp.scoring.utility import Utility, batch_context
 
 

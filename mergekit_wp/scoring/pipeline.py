@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
-import hashlib
 import logging
 import os
 import resource
@@ -27,14 +26,23 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mergekit_wp.components import ModelShape
-from mergekit_wp.paths import check_model, check_output_dir, check_weights
+from mergekit_wp.io import (
+    check_model,
+    check_output_dir,
+    check_weights,
+    load_model,
+    reference_fingerprint,
+    resolve_dtype,
+    resolve_model,
+    settings_fingerprint,
+)
 from mergekit_wp.scoremap import ScoreMap
 from mergekit_wp.scoring.attribution import empty_parts, gradient_pass
-from mergekit_wp.scoring.config import ScoringConfig, UtilityConfig, resolve_model
+from mergekit_wp.scoring.config import ScoringConfig, UtilityConfig
 from mergekit_wp.scoring.exact import layer_sums
+from mergekit_wp.scoring.forward import TokenBatch, site_inputs, trace, weight_bytes
 from mergekit_wp.scoring.inputs import load_examples, make_batches
-from mergekit_wp.scoring.runner import TokenBatch, site_inputs, trace, weight_bytes
-from mergekit_wp.scoring.state import RunState, fingerprint
+from mergekit_wp.scoring.state import RunState
 from mergekit_wp.scoring.utility import (
     AnchorUtility,
     KLUtility,
@@ -44,10 +52,6 @@ from mergekit_wp.scoring.utility import (
 )
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-           "float64": torch.float64}
-
 
 @dataclass
 class ScoreRun:
@@ -111,53 +115,6 @@ def resolve_device(device: str, group: _Group) -> str:
     return device
 
 
-_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmuls
-_CPUINFO = Path("/proc/cpuinfo")
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is missing."""
-    try:
-        text = _CPUINFO.read_text(encoding="utf-8")
-    except OSError:
-        return set()
-    lines = [line for line in text.splitlines() if line.startswith("flags")]
-    return {flag for line in lines for flag in line.split(":", 1)[1].split()}
-
-
-def auto_dtype(device: str) -> tuple[str, str]:
-    """`dtype: auto`: (dtype, why). bf16 on CUDA and on CPUs with native bf16, else fp32."""
-    if device.startswith("cuda"):
-        return "bfloat16", "CUDA device"
-    native = [flag for flag in _NATIVE_BF16_FLAGS if flag in cpu_flags()]
-    if native:
-        return "bfloat16", f"the CPU has native bf16 ({', '.join(native)}): half the memory"
-    return "float32", "the CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag)"
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """The configured dtype, with `auto` resolved and the choice logged."""
-    if dtype != "auto":
-        return dtype
-    dtype, why = auto_dtype(device)
-    log.info("dtype: auto -> %s (%s); set dtype explicitly to override", dtype, why)
-    return dtype
-
-
-def load_model(reference: str, config: ScoringConfig, device: str) -> nn.Module:
-    """An HF causal LM in eval mode, frozen, in the configured dtype, on `device` or a device map."""
-    from transformers import AutoModelForCausalLM
-
-    dtype = resolve_dtype(config.dtype, device)
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[dtype], "attn_implementation": config.attn_implementation}
-    if config.device_map:
-        kwargs["device_map"] = config.device_map
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(reference), **kwargs)
-    if not config.device_map:
-        model.to(device)
-    return model.eval().requires_grad_(False)
-
-
 def fit_anchor_file(config: ScoringConfig, base: nn.Module, sft: nn.Module, tokenizer) -> None:
     """Fit and save the configured anchor (all configured tasks pooled) if it does not exist."""
     from mergekit_wp.scoring.anchor import fit_anchor, save_anchor
@@ -214,21 +171,6 @@ def _check_pair(base_shape: ModelShape, shape: ModelShape, config: ScoringConfig
             )
 
 
-def _file_digest(path: str | Path | None) -> str | None:
-    """Content digest of a local file (anchor, model config), so a changed input is not resumed."""
-    if path is None or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _folder_stamp(folder: str) -> list | None:
-    """Names, sizes and modification times of a local model folder's files (cheap for 3B)."""
-    path = Path(folder)
-    if not path.is_dir():
-        return None  # a hub id: its revision is what the hub serves
-    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
-
-
 def _peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return int(torch.cuda.max_memory_allocated())
@@ -250,8 +192,9 @@ class _Scorer:
         start = time.perf_counter()
         # Resolved (and logged) once; both models load in it.
         config = config.model_copy(update={"dtype": resolve_dtype(config.dtype, self.device)})
-        self.base = load_model(config.base, config, self.device)
-        self.sft = load_model(config.model, config, self.device)
+        load = partial(load_model, dtype=config.dtype, device=self.device,
+                       attn_implementation=config.attn_implementation, device_map=config.device_map)
+        self.base, self.sft = load(config.base), load(config.model)
         self.shape = ModelShape.from_config(self.sft.config)
         _check_pair(ModelShape.from_config(self.base.config), self.shape, config)
         from transformers import AutoTokenizer
@@ -275,12 +218,12 @@ class _Scorer:
         self.timings["data"] = time.perf_counter() - start
         settings = config.model_dump(exclude={"output", "top_k"})
         settings |= {"world": self.group.world, "rank": self.group.rank, "version": 1,
-                     "anchor_digest": _file_digest(config.utility.anchor),
-                     "models": [_folder_stamp(resolve_model(m)) for m in (config.base, config.model)]}
+                     "inputs": [config.utility.anchor and reference_fingerprint(config.utility.anchor)]
+                     + [reference_fingerprint(resolve_model(m)) for m in (config.base, config.model)]}
         state_path = config.output_dir() / ".state" / f"rank{self.group.rank}-of-{self.group.world}.pt"
         if restart:
             state_path.unlink(missing_ok=True)
-        self.state = RunState(state_path, fingerprint(settings))
+        self.state = RunState(state_path, settings_fingerprint(settings))
         self.contexts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.deltas: dict[str, torch.Tensor] = {}  # Δθ per scored tensor, computed once per run
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mergekit_wp.paths import atomic_write_text
+from mergekit_wp.io import atomic_write_text
 from mergekit_wp.scoremap import ScoreMap, write_score_map
 from mergekit_wp.scoring.config import ScoringConfig
 

@@ -7,8 +7,6 @@ with temp file + `os.replace`, so after `kill -9` a unit is either fully in or r
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
@@ -17,11 +15,6 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-
-
-def fingerprint(settings: dict) -> str:
-    """Stable digest of everything that determines the results."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class RunState:

@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from mergekit_wp.scoring.runner import TokenBatch, forward_to, logits_from_hidden, model_shape
+from mergekit_wp.scoring.forward import TokenBatch, forward_to, logits_from_hidden, model_shape
 
 
 class Utility(Protocol):

@@ -1,16 +1,24 @@
-"""Paths the user names: model folders checked before loading, output folders before writing.
+"""Files and models the user names: checked before loading, written atomically, fingerprinted.
 
 Every check raises ValueError with one line naming the path and what was expected; writes go
 to a temporary name next to the target and are renamed into place, with the user's umask.
+Models load through `load_model` (one dtype policy: `resolve_dtype`); cached results are keyed
+by `fingerprint_path` / `reference_fingerprint` / `settings_fingerprint`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -142,3 +150,100 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old)
     return final
+
+
+# --- fingerprints ----------------------------------------------------------------------------
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def fingerprint_path(path: str | os.PathLike) -> str:
+    """Hash of a file or model folder: small files by content, weight files by name, size, mtime.
+
+    Weights of real models are tens of GB; hashing them on every run would cost minutes, and a
+    rewrite changes their mtime anyway.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(str(file.relative_to(path) if file != path else file.name).encode())
+        if file.suffix in _WEIGHT_SUFFIXES and stat.st_size > 64 * 2**20:
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        else:
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def reference_fingerprint(reference: str | os.PathLike) -> str:
+    """What a local file or folder holds; a hub id (or any missing path) stands for itself."""
+    path = Path(reference)
+    return fingerprint_path(path) if path.exists() else str(reference)
+
+
+def settings_fingerprint(settings: Any) -> str:
+    """Stable digest of everything that determines a result (JSON with sorted keys)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --- models ----------------------------------------------------------------------------------
+def resolve_model(reference: str) -> str:
+    """A folder or hub id for `zoo:NAME` (mergekit_wp.zoo.model_path) or a plain reference."""
+    if reference.startswith("zoo:"):
+        from mergekit_wp.zoo import model_path
+
+        return str(model_path(reference[len("zoo:"):]))
+    return reference
+
+
+_NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs with bf16 matmuls
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is missing."""
+    try:
+        text = _CPUINFO.read_text(encoding="utf-8")
+    except OSError:
+        return set()
+    lines = [line for line in text.splitlines() if line.startswith("flags")]
+    return {flag for line in lines for flag in line.split(":", 1)[1].split()}
+
+
+def auto_dtype(device: str) -> tuple[str, str]:
+    """`dtype: auto`: (dtype, why). bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if device.startswith("cuda"):
+        return "bfloat16", "CUDA device"
+    native = [flag for flag in _NATIVE_BF16_FLAGS if flag in cpu_flags()]
+    if native:
+        return "bfloat16", f"the CPU has native bf16 ({', '.join(native)}): half the memory"
+    return "float32", "the CPU has no native bf16 (no amx_bf16 / avx512_bf16 flag)"
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The configured dtype, with `auto` resolved and the choice logged."""
+    if dtype != "auto":
+        return dtype
+    dtype, why = auto_dtype(device)
+    log.info("dtype: auto -> %s (%s); set dtype explicitly to override", dtype, why)
+    return dtype
+
+
+def load_model(reference: str, dtype: str = "float32", device: str = "cpu",
+               attn_implementation: str | None = None, device_map: Any = None):
+    """An HF causal LM (folder, hub id or `zoo:NAME`) in eval mode, frozen, in `dtype` on `device`.
+
+    `dtype: auto` follows `resolve_dtype`; with `device_map` transformers places the layers.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, resolve_dtype(dtype, device))}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(reference), **kwargs)
+    if not device_map:
+        model.to(device)
+    return model.eval().requires_grad_(False)

@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mergekit_wp.checkers import import_ifeval_offline
-from mergekit_wp.evaluation.io import atomic_write_text
 from mergekit_wp.evaluation.suites import Suite, check_tasks, load_suite, task_manager
-from mergekit_wp.paths import check_model, check_output_dir, check_weights
+from mergekit_wp.io import atomic_write_text, check_model, check_output_dir, check_weights
 
 __all__ = ["EvalReport", "check_model", "evaluate_model", "load_lm", "scores_from_results"]
 
