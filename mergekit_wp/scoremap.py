@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape
-from mergekit_wp.io import file_mode
+from mergekit_wp.io import atomic_file
 
 FORMAT = "mergekit-wp/score-map"
 VERSION = "1"
@@ -72,6 +71,20 @@ class ScoreMap:
             **info,
         )
 
+    @classmethod
+    def from_parts(cls, shape: ModelShape, parts: dict[str, torch.Tensor], **info: Any) -> ScoreMap:
+        """A map whose unit scores are the sums of their parts: heads = q + o, neurons = gate +
+        up + down (docs/method.md §4: a unit's score adds over the tensors it owns).
+
+        The sums are taken in the parts' dtype (fp64 accumulators) before the map's fp32.
+        """
+        heads = sum(parts[p] for p in HEAD_PARTS)
+        neurons = sum(parts[p] for p in NEURON_PARTS)
+        return cls(
+            heads=heads.float(), neurons=neurons.float(), num_key_value_heads=shape.num_key_value_heads,
+            parts={p: v.float() for p, v in parts.items()}, **info,
+        )
+
     def shape_metadata(self) -> dict[str, int]:
         return {k: int(getattr(self, k)) for k in _SHAPE_KEYS}
 
@@ -119,18 +132,12 @@ def write_score_map(path: str | os.PathLike, scores: ScoreMap) -> Path:
         "details": json.dumps(scores.details, sort_keys=True, default=str),
         **{k: str(v) for k, v in scores.shape_metadata().items()},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         save_file(tensors, tmp, metadata=metadata)
         Path(tmp).write_bytes(_canonical(Path(tmp).read_bytes()))
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; give the map normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_file(path, write)
 
 
 def _canonical(blob: bytes) -> bytes:

@@ -6,7 +6,6 @@ import html
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,19 +16,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt
 import torch
 
-
-def _atomic_write(path: Path, write) -> Path:
-    """Write via a temp file in the same folder, then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+from mergekit_wp.io import atomic_file
 
 
 def _jsonable(value: Any) -> Any:
@@ -46,13 +33,13 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: Path, data: Any) -> Path:
     text = json.dumps(_jsonable(data), indent=2, sort_keys=False, default=str)
-    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    return atomic_file(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
     """Save a matplotlib figure as PNG atomically and close it."""
     try:
-        return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        return atomic_file(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
 
@@ -146,6 +133,6 @@ class Report:
             ]
         page = "<!doctype html><meta charset='utf-8'><title>mergekit-wp analyses</title>\n"
         page += "\n".join(body) + "\n"
-        md_path = _atomic_write(self.root / "report.md", lambda t: Path(t).write_text("\n".join(md) + "\n"))
-        html_path = _atomic_write(self.root / "index.html", lambda t: Path(t).write_text(page))
+        md_path = atomic_file(self.root / "report.md", lambda t: Path(t).write_text("\n".join(md) + "\n"))
+        html_path = atomic_file(self.root / "index.html", lambda t: Path(t).write_text(page))
         return md_path, html_path

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from tqdm.auto import tqdm
 from mergekit_wp import generation
 from mergekit_wp.checkers import ifeval_follows
 from mergekit_wp.components import ModelShape
-from mergekit_wp.io import file_mode
+from mergekit_wp.io import atomic_file, atomic_write_text
 from mergekit_wp.scoring.data import PairedExample, split_paired
 from mergekit_wp.scoring.hooks import SteerMode, capture_residuals, steering
 
@@ -311,20 +309,7 @@ def save_anchor(path: str | Path, anchor: Anchor) -> None:
         "lambda_bar": anchor.lambda_bar.detach().float().cpu().contiguous(),
     }
     _check(str(path), anchor.layer, tensors["vectors"], tensors["lambda_bar"])
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def _write_atomically(path: Path, write: Callable[[str], None]) -> None:
-    """Call `write(temp_path)` next to `path`, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, file_mode())  # mkstemp makes 0600; the anchor gets the user's umask
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _check(where: str, layer: int, vectors: torch.Tensor, lambda_bar: torch.Tensor) -> None:
@@ -403,7 +388,7 @@ def plot_correction_rates(tables: Mapping[str, CorrectionTable], path: str | Pat
     ax.legend(fontsize=8)
     fig.tight_layout()
     try:
-        _write_atomically(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+        atomic_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     finally:
         plt.close(fig)
 
@@ -450,5 +435,5 @@ def fit_task_anchors(
     if tables:
         plot_correction_rates(tables, out_dir / "correction_rates.png")
         text = format_table(tables) + "\n"
-        _write_atomically(out_dir / "correction_rates.md", lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(out_dir / "correction_rates.md", text)
     return anchors

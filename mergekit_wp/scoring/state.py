@@ -8,11 +8,11 @@ with temp file + `os.replace`, so after `kill -9` a unit is either fully in or r
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from mergekit_wp.io import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,5 @@ class RunState:
     def commit(self, unit: str) -> None:
         """Mark `unit` done and write sums + done-set in one atomic replace."""
         self.done.add(unit)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        try:
-            torch.save({"fingerprint": self.digest, "sums": self.sums, "done": sorted(self.done)}, tmp)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        state = {"fingerprint": self.digest, "sums": self.sums, "done": sorted(self.done)}
+        atomic_file(self.path, lambda tmp: torch.save(state, tmp))

@@ -19,6 +19,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from mergekit_wp.generation import render_chat
+from mergekit_wp.io import atomic_write_text, publish_dir, staging_dir
 from mergekit_wp.zoo import data as D
 from mergekit_wp.zoo import gates as G
 from mergekit_wp.zoo.tokenizer import CHAT_TEMPLATE, train_tokenizer, with_pad_token
@@ -108,20 +109,14 @@ def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, fold
     `stage` (what built it, how long it took) goes into STAGE_FILE, which lets a later build
     with the same inputs reuse the folder.
     """
-    import shutil
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    tmp = staging_dir(folder)
     half = copy.deepcopy(model).to(torch.float16)
     half.generation_config.pad_token_id = tokenizer.pad_token_id
     half.save_pretrained(tmp, safe_serialization=True)
     _save_tokenizer(tokenizer, tmp)
     if stage is not None:
         (tmp / STAGE_FILE).write_text(json.dumps(stage, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    publish_dir(tmp, folder)
 
 
 def _load_fp32(folder: Path) -> LlamaForCausalLM:
@@ -287,16 +282,10 @@ def remeasure(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
     return record
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_record(out_dir: Path, record: dict) -> None:
     """Write gates.json and a short model card (README.md) next to the models."""
-    _atomic_write(out_dir / "gates.json", json.dumps(record, indent=2) + "\n")
-    _atomic_write(out_dir / "README.md", model_card(record))
+    atomic_write_text(out_dir / "gates.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out_dir / "README.md", model_card(record))
 
 
 def model_card(record: dict) -> str:

@@ -9,11 +9,11 @@ Prompting conventions (the evaluations rely on them):
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from mergekit_wp.io import atomic_write_text
 from mergekit_wp.zoo import corpus as C
 from mergekit_wp.zoo import words as W
 
@@ -361,10 +361,7 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Write rows as JSON lines atomically."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n" for row in rows)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -438,6 +435,4 @@ def write_datasets(data: dict[str, object], out_dir: Path) -> None:
     for name in ("ifeval_train", "ifeval_test", "ifeval_val", "math_train", "math_test",
                  "math_val", "code_train", "code_test", "code_val", "knowledge_test"):
         write_jsonl(out_dir / f"{name}.jsonl", data[name])
-    tmp = out_dir / "corpus_heldout.txt.tmp"
-    tmp.write_text("\n\n".join(data["corpus_heldout"]) + "\n", encoding="utf-8")
-    os.replace(tmp, out_dir / "corpus_heldout.txt")
+    atomic_write_text(out_dir / "corpus_heldout.txt", "\n\n".join(data["corpus_heldout"]) + "\n")
