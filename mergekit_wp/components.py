@@ -1,7 +1,7 @@
 """Architecture knowledge: heads, KV groups, MLP neurons and the slices of each HF tensor.
 
 This is the only module that knows how a decoder's stored weights split into components
-(METHOD.md §1). Scoring, the analyses and the `wp` merge method all ask it; none re-derive it.
+(docs/method.md §1). Scoring, the analyses and the `wp` merge method all ask it; none re-derive it.
 PyTorch `nn.Linear.weight` is `[out, in]`: a head owns *rows* of `q_proj` and *columns* of
 `o_proj`; a neuron owns rows of `gate_proj`/`up_proj` and a column of `down_proj`.
 """

@@ -1,4 +1,4 @@
-"""The `wp` merge method (METHOD.md §8): experts fused head by head and neuron by neuron.
+"""The `wp` merge method (docs/method.md §8): experts fused head by head and neuron by neuron.
 
 `α_k(c) = relu(s_k(c)) / Σ_m relu(s_m(c))` (uniform `1/K` where every expert scores `c` at or
 below zero), then `θ(c) = Σ_k α_k(c) θ_k(c)`. Which rows or columns of a tensor belong to which
@@ -236,7 +236,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: torch.Tensor) ->
 def _wp_kernel(
     group: TensorGroup, scores: PerNonBase[ScoreMapPath], ignore_score_metadata: bool = False
 ) -> torch.Tensor:
-    """`θ = Σ_k α_k θ_k` for one tensor, α from each expert's score map (METHOD.md §8)."""
+    """`θ = Σ_k α_k θ_k` for one tensor, α from each expert's score map (docs/method.md §8)."""
     experts = group.non_base
     # Every kernel call checks all of its experts' maps (cached), so a map that does not fit
     # the base, or was made for another model, fails on the first tensor, before any is saved.

@@ -1,4 +1,4 @@
-"""Analyses of the Weight Patching paper (§9 of METHOD.md) over one base/instruct pair.
+"""Analyses of the Weight Patching paper (docs/method.md §9) over one base/instruct pair.
 
 `run_analyses(load_config(path))` runs what a YAML asks for; each analysis writes JSON and PNGs,
 and `report.md` / `index.html` link them.

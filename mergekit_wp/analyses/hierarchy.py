@@ -1,4 +1,4 @@
-"""Hierarchy recovery (METHOD.md §7): sources -> aggregation -> execution, as JSON and a layered graph.
+"""Hierarchy recovery (docs/method.md §7): sources -> aggregation -> execution, as JSON and a layered graph.
 
 1. Aggregation candidates S_conv: the top AP heads (upstream, anchor utility).
 2. Each target's suppliers: the top neurons (and optionally heads) of earlier layers by E_link.

@@ -212,7 +212,7 @@ class Study:
         write_score_map(self.cache / f"scores-{task}-{method}-{utility}.safetensors", scores)
 
     def downstream_scores(self, task: str, method: str = "wp") -> ScoreMap:
-        """Scores of the components after the anchor, under the KL utility (METHOD.md §6)."""
+        """Scores of the components after the anchor, under the KL utility (docs/method.md §6)."""
         return self.scores(task, method, "kl")
 
     def region_scores(self, task: str, method: str, kind: Kind, region: Region) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Paired IFEval prompts for any model: each neutral request with an instruction and without it.
 
 A row is IFEval's schema (key, prompt, instruction_id_list, kwargs) plus
-`prompt_without_instruction`, the same request with the instruction removed (METHOD.md §2).
+`prompt_without_instruction`, the same request with the instruction removed (docs/method.md §2).
 The instruction sentence is lm-eval's own `build_description`; arguments the caller leaves out
 are drawn by lm-eval itself, from a seeded generator. The requests are this package's forms
 (forms.txt) applied to its topics (topics.txt). Every request serves one row only, so any

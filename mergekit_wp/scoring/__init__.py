@@ -1,4 +1,4 @@
-"""Scoring: which heads and neurons carry a specialized model's change (METHOD.md §2-§6).
+"""Scoring: which heads and neurons carry a specialized model's change (docs/method.md §2-§6).
 
 Public API (imported lazily so `mergekit_wp.scoring.data` stays light):
 - `score(config)`, `load_config(path)`, `ScoringConfig`: the whole run behind `mergekit-wp score`.

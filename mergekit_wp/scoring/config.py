@@ -31,7 +31,7 @@ class DataConfig(_Strict):
 
 
 class UtilityConfig(_Strict):
-    """F(M, x): anchor cosine at l_a, final-layer projection, or downstream KL (METHOD.md §2, §6)."""
+    """F(M, x): anchor cosine at l_a, final-layer projection, or downstream KL (docs/method.md §2, §6)."""
 
     kind: Literal["anchor", "projection", "kl"] = "anchor"
     anchor: str | None = None  # anchor file (mergekit_wp.scoring.anchor.save_anchor)
@@ -43,7 +43,7 @@ class UtilityConfig(_Strict):
     sweep_examples: int | None = Field(default=None, gt=0)
     sweep_max_new_tokens: int = Field(default=64, gt=0)
     sweep_mode: Literal["anchor", "all"] = "anchor"  # steer the anchor position, or every position
-    # Components after l_a cannot move F_a and score 0 under it (METHOD.md §3); `kl` scores them
+    # Components after l_a cannot move F_a and score 0 under it (docs/method.md §3); `kl` scores them
     # with the downstream KL utility on the same prompts (§6) and writes one map for every layer,
     # which is what a `wp` merge needs: else peers take every layer after the anchor.
     downstream: Literal["kl"] | None = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The six IFEval tasks of the paper (METHOD.md §9): short name -> instruction id.
+# The six IFEval tasks of the paper (docs/method.md §9): short name -> instruction id.
 IFEVAL_TASKS: dict[str, str] = {
     "english_capital": "change_case:english_capital",
     "no_comma": "punctuation:no_comma",

@@ -120,7 +120,7 @@ def steering(
     target: float,
     mode: SteerMode = "anchor",
 ) -> Iterator[None]:
-    """While active, set the projection of `z_layer` on `direction` to `target` (METHOD.md §2).
+    """While active, set the projection of `z_layer` on `direction` to `target` (docs/method.md §2).
 
     `mode="anchor"`: only at the anchor position (index -1 of a prefill or cache-free forward;
     inputs must be left-padded); decoding steps that reuse the KV cache are left alone.

@@ -1,4 +1,4 @@
-"""Set-wise patching (METHOD.md §3): Replace(M_base, M_sft | Θ(S)) in place, and its effect E_w(S).
+"""Set-wise patching (docs/method.md §3): Replace(M_base, M_sft | Θ(S)) in place, and its effect E_w(S).
 
 `restore` / `ablate` patch the stored HF tensors through `components.ModelShape.slices` and
 undo on exit, so the analyses can run greedy generation or any utility on a patched model.

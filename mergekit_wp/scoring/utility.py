@@ -1,4 +1,4 @@
-"""Utilities F(M, x): per-example scalars that every scoring method explains (METHOD.md §2, §6).
+"""Utilities F(M, x): per-example scalars that every scoring method explains (docs/method.md §2, §6).
 
 A utility is any callable `utility(model, batch) -> Tensor[B]` (differentiable under grad
 mode), so the analyses can plug in their own (e.g. the "need" utility of §7). The ones here

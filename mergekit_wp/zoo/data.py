@@ -430,7 +430,7 @@ def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[s
 
 
 def write_datasets(data: dict[str, object], out_dir: Path) -> None:
-    """Write the shipped files (TEAM.md layout) into `out_dir`."""
+    """Write the shipped data files (listed in the README's zoo section) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("ifeval_train", "ifeval_test", "ifeval_val", "math_train", "math_test",
                  "math_val", "code_train", "code_test", "code_val", "knowledge_test"):

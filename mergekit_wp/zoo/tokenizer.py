@@ -8,7 +8,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-# TEAM.md: user turn -> "### Instruction:\n{content}\n\n### Response:\n"; replies end with eos.
+# The zoo chat template (README, "The micro zoo"): user turn -> "### Instruction:\n{content}\n\n### Response:\n"; replies end with eos.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
