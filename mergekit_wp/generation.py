@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from tqdm.auto import tqdm
 
@@ -25,6 +27,19 @@ def pad_token_id(tokenizer, model=None) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a pad nor an eos token")
     return tokenizer.eos_token_id
+
+
+def shared_tokenizer(tokenizer, base):
+    """The specialized model's tokenizer (it carries the chat template), usable by the base too.
+
+    Where the specialized model added a pad token the base cannot embed (the zoo's instruct
+    expert), the copy pads with eos: padding is masked, any in-vocabulary id serves.
+    """
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id < base.get_input_embeddings().num_embeddings:
+        return tokenizer
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def encode_left_padded(

@@ -340,7 +340,7 @@ def test_second_score_run_on_a_folder_fails_at_once(pair, tmp_path):
                 score(config)
             seen.append(str(caught.value))
 
-    run = score(config, on_unit=second_run)
+    run = score(config, on_step=second_run)
     assert seen and f"output folder {tmp_path / 'out'} is in use" in seen[0]
     assert f"pid {os.getpid()}" in seen[0]
     assert run.report_path.is_file()

@@ -183,7 +183,7 @@ _KILLABLE = textwrap.dedent("""
     import sys, time
     from mergekit_wp.scoring.config import load_config
     from mergekit_wp.scoring.pipeline import score
-    score(load_config(sys.argv[1]), on_unit=lambda unit: time.sleep(0.4))
+    score(load_config(sys.argv[1]), on_step=lambda step: time.sleep(0.4))
 """)
 
 

@@ -20,11 +20,13 @@ from torch import nn
 from mergekit_wp.analyses import scoring_api as api
 from mergekit_wp.analyses.config import AnalysisConfig
 from mergekit_wp.analyses.ranking import Kind, Region, layer_mask
-from mergekit_wp.components import Component, ModelShape, TensorGroupName
+from mergekit_wp.components import Component, TensorGroupName
+from mergekit_wp.generation import shared_tokenizer
 from mergekit_wp.io import load_model, reference_fingerprint, resolve_model
 from mergekit_wp.scoremap import ScoreMap, read_score_map, write_score_map
 from mergekit_wp.scoring.anchor import Anchor, fit_anchor, load_anchor, save_anchor
 from mergekit_wp.scoring.data import PairedExample, load_paired, resolve_source, split_paired
+from mergekit_wp.scoring.engine import ModelPair
 
 
 def _fingerprint(config: AnalysisConfig) -> str:
@@ -69,24 +71,16 @@ class Study:
         from transformers import AutoTokenizer
 
         self.config = config
-        self.base = base if base is not None else load_model(config.base, config.dtype, config.device)
-        self.instruct = (
-            instruct if instruct is not None else load_model(config.instruct, config.dtype, config.device)
+        load = lambda name: load_model(name, config.dtype, config.device)
+        self.pair = ModelPair.of(
+            base if base is not None else load(config.base),
+            instruct if instruct is not None else load(config.instruct),
+            config.base, config.instruct, "the analyses compare two checkpoints of one architecture",
         )
-        # The base's tokenizer: an instruct model may add a token (e.g. a pad) the base cannot embed,
-        # and left padding feeds the pad id to both models.
-        self.tokenizer = tokenizer or AutoTokenizer.from_pretrained(resolve_model(config.base))
-        self.shape = ModelShape.from_config(self.instruct.config)
-        base_shape = ModelShape.from_config(self.base.config)
-        # An added token (e.g. a pad) changes only the vocabulary, which no component owns.
-        for key in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-                    "hidden_size", "intermediate_size"):
-            if getattr(base_shape, key) != getattr(self.shape, key):
-                raise ValueError(
-                    f"base {config.base} has {key}={getattr(base_shape, key)} but instruct "
-                    f"{config.instruct} has {getattr(self.shape, key)}; the analyses compare two "
-                    "checkpoints of one architecture"
-                )
+        self.base, self.instruct, self.shape = self.pair.base, self.pair.model, self.pair.shape
+        # The instruct model's tokenizer (its chat template), as `mergekit-wp score` reads x.
+        self.tokenizer = tokenizer or shared_tokenizer(
+            AutoTokenizer.from_pretrained(resolve_model(config.instruct)), self.base)
         self.tasks = list(config.tasks)
         self.seed = config.seed
         self.cache = Path(config.output) / "cache" / _fingerprint(config)

@@ -2,6 +2,8 @@
 
 Public API (imported lazily so `mergekit_wp.scoring.data` stays light):
 - `score(config)`, `load_config(path)`, `ScoringConfig`: the whole run behind `mergekit-wp score`.
+- `score_maps(ModelPair.of(base, model), batches, utility, methods, gap_floor=...)`: the engine
+  behind it (and the analyses), in memory: a `ScoreMap` per method.
 - Utilities: `AnchorUtility`, `KLUtility`, `gaps`; any `utility(model, batch) -> Tensor[B]` works.
 - `gradient_pass` (WP-attr, AP-attr), `exact_scores` / `layer_sums` (exact WP, AP),
   `restore` / `ablate` / `set_effect` (set-wise patching), `patched_tensors` (whole tensor groups), `TokenBatch`, `make_batches`.
@@ -13,7 +15,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "score": "pipeline", "ScoreRun": "pipeline",
+    "score": "pipeline", "ScoreRun": "report", "score_maps": "engine", "ModelPair": "engine",
     "load_config": "config", "parse_config": "config", "ScoringConfig": "config",
     "AnchorUtility": "utility", "KLUtility": "utility", "ReadoutUtility": "utility", "gaps": "utility",
     "gradient_pass": "attribution",

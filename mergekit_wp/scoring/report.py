@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from mergekit_wp.io import atomic_write_text
-from mergekit_wp.scoremap import ScoreMap, write_score_map
+from mergekit_wp.scoremap import ScoreMap, read_score_map, write_score_map
 from mergekit_wp.scoring.config import ScoringConfig
 
-if TYPE_CHECKING:
-    from mergekit_wp.scoring.pipeline import ScoreRun
-
 NEURON_BINS = 64
+
+
+@dataclass
+class ScoreRun:
+    """What a scoring run wrote (rank 0) and its report."""
+
+    maps: dict[str, Path]
+    report_path: Path | None
+    pictures: list[Path]
+    report: dict[str, Any] = field(default_factory=dict)
 
 
 def top_components(scores: ScoreMap, k: int) -> dict[str, list[dict[str, Any]]]:
@@ -113,9 +121,6 @@ def stitch(upstream: ScoreMap, downstream: ScoreMap) -> ScoreMap:
 
 def write_stitched(config: ScoringConfig, upstream: ScoreRun, downstream: ScoreRun) -> ScoreRun:
     """The stitched maps of an anchor run and its downstream run, and a report linking both."""
-    from mergekit_wp.scoremap import read_score_map
-    from mergekit_wp.scoring.pipeline import ScoreRun
-
     maps = {m: stitch(read_score_map(path), read_score_map(downstream.maps[m])) for m, path in upstream.maps.items()}
     written, pictures, methods = _write_maps(config.output_dir(), maps, config.top_k)
     layer = next(iter(maps.values())).details["stitched_after_layer"]
@@ -145,10 +150,8 @@ def write_outputs(
     model_bytes: int,
     world: int,
     on_cuda: bool = False,
-):
+) -> ScoreRun:
     """Write `<out>/<method>.safetensors`, heatmaps and `<out>/report.json`."""
-    from mergekit_wp.scoring.pipeline import ScoreRun
-
     out = config.output_dir()
     written, pictures, methods = _write_maps(out, maps, config.top_k)
     gaps = [r["gap"] for r in rows]
