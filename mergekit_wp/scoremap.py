@@ -8,8 +8,10 @@ header metadata says what made the map. In memory the layers are stacked: `[laye
 from __future__ import annotations
 
 import json
+import operator
 import os
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +80,7 @@ class ScoreMap:
 
         The sums are taken in the parts' dtype (fp64 accumulators) before the map's fp32.
         """
-        heads = sum(parts[p] for p in HEAD_PARTS)
-        neurons = sum(parts[p] for p in NEURON_PARTS)
+        heads, neurons = unit_scores(parts)
         return cls(
             heads=heads.float(), neurons=neurons.float(), num_key_value_heads=shape.num_key_value_heads,
             parts={p: v.float() for p, v in parts.items()}, **info,
@@ -97,6 +98,12 @@ class ScoreMap:
                     f"{source}: made for a model with {key}={have}, but the model has "
                     f"{key}={want}; score the expert against this model family again"
                 )
+
+
+def unit_scores(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heads, neurons) from part scores, left to right in the parts' dtype: q + o, gate + up + down."""
+    heads, neurons = (reduce(operator.add, (parts[p] for p in names)) for names in (HEAD_PARTS, NEURON_PARTS))
+    return heads, neurons
 
 
 def head_key(layer: int, part: str | None = None) -> str:

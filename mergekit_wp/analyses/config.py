@@ -65,6 +65,7 @@ class AnalysisConfig:
     device: str = "cpu"
     dtype: str = "float32"
     threads: int | None = None  # torch CPU threads; 1 avoids oversubscribing shared cores
+    gap_floor: float = 1e-4  # examples with |G(x)| below it are skipped, as in `mergekit-wp score`
     anchor: AnchorSettings = field(default_factory=AnchorSettings)
     scores: ScoreSettings = field(default_factory=ScoreSettings)
 
