@@ -2,8 +2,8 @@
 
 The wheel ships this file a second time as the top-level module `_mergekit_wp_hook`, which
 `mergekit_wp_hook.pth` imports at interpreter start-up; that is how plain `mergekit-yaml` finds
-`wp` and `widen`. It uses the standard library only and imports mergekit_wp (hence torch and
-mergekit) only right after mergekit itself has imported `mergekit.merge_methods`.
+`wp` and `widen`. It uses the standard library only and calls `mergekit_wp.register()` (which
+imports torch and mergekit) only right after mergekit's merge methods have loaded.
 MERGEKIT_WP_NO_HOOK=1 turns it off.
 """
 
@@ -51,11 +51,24 @@ class RegisterWpFinder:
         return None
 
 
+def _mergekit_wp_importing() -> bool:
+    """Whether a module of mergekit_wp is still executing, i.e. it is what imports mergekit."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.split(".")[0] == "mergekit_wp"
+    )
+
+
 def _register() -> None:
+    # Registering now would import that half-built module; mergekit_wp's own code that imports
+    # mergekit calls register() itself once it can (register(), the CLI, or the caller).
+    if _mergekit_wp_importing():
+        return
     try:
-        # Importing the package registers `wp` and `widen`. If the package is what is importing
-        # mergekit right now, this returns the half-built module; its __init__ registers later.
-        import mergekit_wp  # noqa: F401
+        import mergekit_wp
+
+        mergekit_wp.register()
     except Exception as err:  # noqa: BLE001 - a broken extension must not break mergekit
         import warnings
 

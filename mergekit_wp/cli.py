@@ -6,6 +6,8 @@ import importlib
 
 import click
 
+from mergekit_wp import register
+
 # name -> "module:attribute"; imported on first use so `mergekit-wp zoo path` stays quick.
 _COMMANDS = {
     "merge": "mergekit_wp.merge_cli:merge",
@@ -18,6 +20,9 @@ _COMMANDS = {
     "demo": "mergekit_wp.evaluation.cli:demo",
     "analyze": "mergekit_wp.analyses.cli:analyze",
 }
+
+# Subcommands that run mergekit's merge: `wp` and `widen` are registered before they start.
+_MERGING = {"merge", "bench", "demo"}
 
 
 class _LazyGroup(click.Group):
@@ -34,5 +39,8 @@ class _LazyGroup(click.Group):
 
 @click.group(cls=_LazyGroup)
 @click.version_option(package_name="mergekit-wp")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Weight Patching scores and mechanism-aware merging for MergeKit."""
+    if ctx.invoked_subcommand in _MERGING:
+        register()

@@ -15,6 +15,7 @@ from mergekit.merge_methods import registered_methods
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from pydantic import ValidationError
 
+from mergekit_wp import register
 from mergekit_wp.io import (
     check_model,
     check_output_dir,
@@ -38,6 +39,7 @@ def load_recipe(
     recipe: str | os.PathLike, options: MergeOptions | None = None
 ) -> tuple[MergeConfiguration, str]:
     """Parse a mergekit recipe and check its method and models; a `wp` recipe is also planned."""
+    register()  # the method names are checked against mergekit's registry, `wp` included
     source = Path(recipe).read_text(encoding="utf-8")
     try:
         config = MergeConfiguration.model_validate(yaml.safe_load(source))

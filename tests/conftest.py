@@ -58,6 +58,15 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def registered_merge_methods():
+    """`wp` and `widen` registered, as Python code that runs mergekit's merge itself does first
+    (importing mergekit_wp no longer registers them)."""
+    import mergekit_wp
+
+    mergekit_wp.register()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module: tiny models on shared cores mostly spin with more."""
