@@ -1,66 +1,144 @@
 """Architecture knowledge: heads, KV groups, MLP neurons and the slices of each HF tensor.
 
 This is the only module that knows how a decoder's stored weights split into components
-(docs/method.md §1). Scoring, the analyses and the `wp` merge method all ask it; none re-derive it.
+(docs/method.md §1), where its modules live and how its logits are made. Scoring, the analyses
+and the `wp` merge method all ask it; none re-derive it. Each family is data, one table per file
+in `mergekit_wp/_data/architectures/` (as mergekit's `_data/architectures/*.json`): adding a
+family that is built like these means adding a table.
+
+Glossary (the names used across the package):
+- unit: what one score belongs to. `head` (attention head h of layer l, H(l,h)), `kv_group`
+  (the K/V heads a group of query heads shares; averaged, never scored) and `neuron` (MLP
+  neuron j of layer l, N(l,j)). A *component* is a scored unit: a head or a neuron.
+- part: a unit's share of one projection, named after it: q, o (heads), k, v (KV groups),
+  gate, up, down (neurons). Score maps keep the head and neuron parts.
+- role: how one per-layer HF tensor splits into units: its module, unit, the axis that indexes
+  units, its part, whether its bias is per unit or shared by the layer, and whether it writes
+  the unit's output into the residual stream (o, down).
+- site: the module holding a unit's roles (`self_attn` for heads and KV groups, `mlp` for
+  neurons); its output is what a unit changes.
+- tensor group: which set a stored tensor falls in: `component` (head / neuron slices), `kv`,
+  `embedding`, `unembedding` (one row per token) or `other` (norms, shared biases).
+
 PyTorch `nn.Linear.weight` is `[out, in]`: a head owns *rows* of `q_proj` and *columns* of
 `o_proj`; a neuron owns rows of `gate_proj`/`up_proj` and a column of `down_proj`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from importlib import resources
+from typing import Any, Literal, get_args
 
 Unit = Literal["head", "kv_group", "neuron"]
+ComponentKind = Literal["head", "neuron"]
+Site = Literal["attention", "mlp"]
 TensorGroupName = Literal["component", "kv", "embedding", "unembedding", "other"]
+LogitOp = Literal["multiply", "divide", "softcap"]
+
+# Score-map parts (file format v1) and the map keys they are stored under. The keys are spelled
+# like Llama's module paths for every family, so a map reads the same whatever the model calls
+# its modules.
+HEAD_PARTS = ("q", "o")
+NEURON_PARTS = ("gate", "up", "down")
+_SCORE_KEYS = {"head": "model.layers.{layer}.self_attn.heads", "neuron": "model.layers.{layer}.mlp.neurons"}
+
+
+def score_key(kind: ComponentKind, layer: int, part: str | None = None) -> str:
+    """Score-map key of layer `layer`'s heads or neurons, or of one part of them."""
+    return _SCORE_KEYS[kind].format(layer=layer) + (f".{part}" if part else "")
+
+
+def part_kind(part: str) -> ComponentKind:
+    """The component kind a score-map part belongs to."""
+    return "head" if part in HEAD_PARTS else "neuron"
 
 
 @dataclass(frozen=True)
 class TensorRole:
     """How one per-layer HF tensor splits into units: which unit, along which axis."""
 
-    module: str  # "self_attn.q_proj"
+    module: str  # "q_proj", under the role's site
+    site: Site
     unit: Unit
     axis: int  # axis of the stored tensor that indexes units
     part: str  # score-map part name: q, o, k, v, gate, up, down
+    unit_bias: bool  # its bias splits like its rows (q_proj); else the layer shares it (o_proj)
+    writes_residual: bool = False  # its input is the units' outputs (o_proj, down_proj)
 
 
 @dataclass(frozen=True)
 class ArchitectureFamily:
-    """A small table per family: the HF `architectures` entries and its per-layer tensors."""
+    """One family's table: HF `architectures` entries, module paths, roles and logit transforms."""
 
     name: str
     architectures: tuple[str, ...]
-    layers_prefix: str = "model.layers"
-    attention: str = "self_attn"
-    mlp: str = "mlp"
-    embedding: str = "model.embed_tokens"  # rows indexed by token id, like the unembedding's
-    unembedding: str = "lm_head"
+    layers_prefix: str
+    attention: str
+    mlp: str
+    embedding: str  # rows indexed by token id, like the unembedding's
+    unembedding: str
+    final_norm: str
+    logits: tuple[tuple[LogitOp, str], ...]  # (op, config key), applied in order after the LM head
+    attn_implementation: str  # what scoring loads the model with unless told otherwise
+    roles: tuple[TensorRole, ...]
+
+    def site_module(self, site: Site) -> str:
+        return self.attention if site == "attention" else self.mlp
 
 
-_ATTENTION_ROLES = (
-    TensorRole("q_proj", "head", 0, "q"),
-    TensorRole("o_proj", "head", 1, "o"),
-    TensorRole("k_proj", "kv_group", 0, "k"),
-    TensorRole("v_proj", "kv_group", 0, "v"),
-)
-_MLP_ROLES = (
-    TensorRole("gate_proj", "neuron", 0, "gate"),
-    TensorRole("up_proj", "neuron", 0, "up"),
-    TensorRole("down_proj", "neuron", 1, "down"),
-)
+_FAMILY_KEYS = {f.name for f in fields(ArchitectureFamily)}
+_ROLE_KEYS = {f.name for f in fields(TensorRole)} - {"unit_bias"} | {"bias"}
 
-FAMILIES: tuple[ArchitectureFamily, ...] = (
-    ArchitectureFamily("llama", ("LlamaForCausalLM",)),
-    ArchitectureFamily("mistral", ("MistralForCausalLM",)),
-    ArchitectureFamily("qwen2", ("Qwen2ForCausalLM",)),
-    ArchitectureFamily("gemma2", ("Gemma2ForCausalLM",)),
-)
 
-HEAD_PARTS = ("q", "o")
-NEURON_PARTS = ("gate", "up", "down")
+def _family_from_table(source: str, table: dict[str, Any]) -> ArchitectureFamily:
+    """Validate one architecture table; errors name the file and the key."""
+
+    def fail(what: str) -> ValueError:
+        return ValueError(f"architecture table {source}: {what}")
+
+    if set(table) != _FAMILY_KEYS:
+        missing, extra = sorted(_FAMILY_KEYS - set(table)), sorted(set(table) - _FAMILY_KEYS)
+        raise fail(f"keys must be {sorted(_FAMILY_KEYS)}; missing {missing}, unexpected {extra}")
+    roles = []
+    for i, raw in enumerate(table["roles"]):
+        if not set(raw) <= _ROLE_KEYS or not {"module", "site", "unit", "axis", "part", "bias"} <= set(raw):
+            raise fail(f"roles[{i}] has keys {sorted(raw)}; expected {sorted(_ROLE_KEYS)}")
+        if raw["site"] not in get_args(Site) or raw["unit"] not in get_args(Unit):
+            raise fail(f"roles[{i}]: site must be one of {get_args(Site)}, unit one of {get_args(Unit)}")
+        if raw["bias"] not in ("unit", "shared") or raw["axis"] not in (0, 1):
+            raise fail(f"roles[{i}]: bias must be 'unit' or 'shared' and axis 0 or 1")
+        fields_ = {k: v for k, v in raw.items() if k != "bias"}
+        roles.append(TensorRole(**fields_, unit_bias=raw["bias"] == "unit"))
+    for kind, parts in (("head", HEAD_PARTS), ("neuron", NEURON_PARTS)):
+        have = tuple(r.part for r in roles if r.unit == kind)
+        writers = [r.part for r in roles if r.unit == kind and r.writes_residual]
+        if have != parts or len(writers) != 1:
+            raise fail(f"{kind} roles must have parts {parts} (score map format v1), exactly one "
+                       f"writing the residual stream; got parts {have}, writers {writers}")
+    logits = []
+    for i, raw in enumerate(table["logits"]):
+        if set(raw) != {"op", "config_key"} or raw["op"] not in get_args(LogitOp):
+            raise fail(f"logits[{i}] must be {{op: one of {get_args(LogitOp)}, config_key: ...}}")
+        logits.append((raw["op"], raw["config_key"]))
+    return ArchitectureFamily(**{
+        **table, "architectures": tuple(table["architectures"]), "roles": tuple(roles),
+        "logits": tuple(logits),
+    })
+
+
+def _load_families() -> tuple[ArchitectureFamily, ...]:
+    """Every family table shipped in `mergekit_wp/_data/architectures/`, by file name."""
+    folder = resources.files("mergekit_wp") / "_data" / "architectures"
+    tables = sorted((f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
+    return tuple(_family_from_table(f"_data/architectures/{f.name}", json.loads(f.read_text()))
+                 for f in tables)
+
+
+FAMILIES: tuple[ArchitectureFamily, ...] = _load_families()
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -93,11 +171,12 @@ class WeightInfo:
 class Component:
     """One candidate component: head H(l,h) or neuron N(l,j)."""
 
-    kind: Literal["head", "neuron"]
+    kind: ComponentKind
     layer: int
     index: int
 
     def __str__(self) -> str:
+        """The label reports use: `H(l,h)` or `N(l,j)`."""
         return f"{'H' if self.kind == 'head' else 'N'}({self.layer},{self.index})"
 
 
@@ -114,6 +193,8 @@ class ModelShape:
     hidden_size: int
     intermediate_size: int
     vocab_size: int
+    # (op, value) of the family's logit transforms this config sets, e.g. (("softcap", 30.0),)
+    logit_ops: tuple[tuple[LogitOp, float], ...] = ()
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -144,6 +225,8 @@ class ModelShape:
             hidden_size=hidden,
             intermediate_size=int(get("intermediate_size")),
             vocab_size=int(get("vocab_size")),
+            # A key the config leaves unset (or 0: Gemma 2 without capping) is not applied.
+            logit_ops=tuple((op, float(get(key))) for op, key in family.logits if get(key)),
         )
 
     # --- compatibility -------------------------------------------------------------------
@@ -185,7 +268,7 @@ class ModelShape:
         """Rows (or columns) of a tensor that one unit owns."""
         return 1 if unit == "neuron" else self.head_dim
 
-    def components(self, kind: Literal["head", "neuron"] | None = None) -> Iterator[Component]:
+    def components(self, kind: ComponentKind | None = None) -> Iterator[Component]:
         for layer in range(self.num_hidden_layers):
             if kind in (None, "head"):
                 for h in range(self.num_attention_heads):
@@ -196,18 +279,20 @@ class ModelShape:
 
     # --- names ---------------------------------------------------------------------------
     def layer_prefix(self, layer: int) -> str:
+        """Module path of decoder layer `layer`, e.g. `model.layers.3`."""
         return f"{self.family.layers_prefix}.{layer}"
 
-    def attention_path(self, layer: int) -> str:
-        return f"{self.layer_prefix(layer)}.{self.family.attention}"
+    def site(self, unit: Unit) -> str:
+        """Name of the site module under a decoder layer holding `unit`'s roles (`self_attn`)."""
+        return self.family.site_module(self.roles(unit)[0].site)
 
-    def mlp_path(self, layer: int) -> str:
-        return f"{self.layer_prefix(layer)}.{self.family.mlp}"
+    def site_path(self, layer: int, unit: Unit) -> str:
+        """Module path of `unit`'s site in layer `layer`, e.g. `model.layers.3.mlp`."""
+        return f"{self.layer_prefix(layer)}.{self.site(unit)}"
 
     def module_path(self, layer: int, role: TensorRole) -> str:
         """HF module path of a role's linear layer, e.g. `model.layers.3.self_attn.q_proj`."""
-        parent = self.attention_path(layer) if role in _ATTENTION_ROLES else self.mlp_path(layer)
-        return f"{parent}.{role.module}"
+        return f"{self.layer_prefix(layer)}.{self.family.site_module(role.site)}.{role.module}"
 
     def parse(self, name: str) -> WeightInfo:
         """Layer, module, parameter kind and role of a stored tensor name."""
@@ -218,14 +303,9 @@ class ModelShape:
             param = name.rsplit(".", 1)[-1]
             return WeightInfo(name, None, None, param, None)
         layer, module, param = int(match[1]), match[2], match[3]
-        role = None
-        for candidate in _ATTENTION_ROLES:
-            if module == f"{self.family.attention}.{candidate.module}":
-                role = candidate
-        for candidate in _MLP_ROLES:
-            if module == f"{self.family.mlp}.{candidate.module}":
-                role = candidate
-        if role is not None and param == "bias" and role.axis != 0:
+        role = next((r for r in self.family.roles
+                     if module == f"{self.family.site_module(r.site)}.{r.module}"), None)
+        if role is not None and param == "bias" and not role.unit_bias:
             role = None  # o_proj / down_proj biases are shared by all units of the layer
         return WeightInfo(name, layer, module, param, role)
 
@@ -249,26 +329,57 @@ class ModelShape:
         return tuple(sl)
 
     def roles(self, unit: Unit | None = None) -> tuple[TensorRole, ...]:
-        return tuple(r for r in _ATTENTION_ROLES + _MLP_ROLES if unit is None or r.unit == unit)
+        return tuple(r for r in self.family.roles if unit is None or r.unit == unit)
+
+    def role(self, part: str) -> TensorRole:
+        """The role of a part name (q, o, k, v, gate, up, down)."""
+        for role in self.family.roles:
+            if role.part == part:
+                return role
+        raise ValueError(f"{self.family.name} has no part {part!r}; parts: "
+                         f"{', '.join(r.part for r in self.family.roles)}")
+
+    def writer(self, unit: Unit) -> TensorRole:
+        """The role whose input is `unit`'s output and writes it to the residual stream."""
+        return next(r for r in self.family.roles if r.unit == unit and r.writes_residual)
+
+    def unit_tensors(self, layer: int, unit: Unit, params: tuple[str, ...] = ("weight", "bias")
+                     ) -> Iterator[tuple[str, TensorRole]]:
+        """(tensor name, role) of every stored tensor of layer `layer` that `unit`s split.
+
+        Biases are listed only where they are per-unit (q_proj); callers skip names their
+        checkpoint lacks (Llama has no q bias, Qwen2 has one).
+        """
+        for role in self.roles(unit):
+            for param in params:
+                if param == "weight" or role.unit_bias:
+                    yield f"{self.module_path(layer, role)}.{param}", role
 
     def slices(self, component: Component, params: tuple[str, ...] = ("weight", "bias")) -> dict[
         str, tuple[slice, ...]
     ]:
         """Θ(c): tensor name -> index expression for every stored slice that component owns.
 
-        Biases are listed for every role whose bias is per-unit (q_proj for heads); callers
-        skip names their checkpoint lacks (Llama has no q bias, Qwen2 has one).
+        Biases as in `unit_tensors`.
         """
-        unit: Unit = "head" if component.kind == "head" else "neuron"
-        out: dict[str, tuple[slice, ...]] = {}
-        for role in self.roles(unit):
-            for param in params:
-                if param == "bias" and role.axis != 0:
-                    continue
-                ndim = 2 if param == "weight" else 1
-                name = f"{self.module_path(component.layer, role)}.{param}"
-                out[name] = self.unit_slice(role, component.index, ndim)
-        return out
+        return {
+            name: self.unit_slice(role, component.index, 2 if name.endswith(".weight") else 1)
+            for name, role in self.unit_tensors(component.layer, component.kind, params)
+        }
+
+    # --- logits ---------------------------------------------------------------------------
+    def transform_logits(self, logits: Any) -> Any:
+        """The family's transforms after the LM head (`logit_ops`), as the model's forward does them."""
+        import torch
+
+        for op, value in self.logit_ops:
+            if op == "multiply":
+                logits = logits * value
+            elif op == "divide":
+                logits = logits / value
+            else:  # softcap
+                logits = torch.tanh(logits / value) * value
+        return logits
 
     def unit_index(self, unit: Unit, units: Any) -> Any:
         """Indices along a role's unit axis owned by `units` (in order): `head_dim` each for heads."""

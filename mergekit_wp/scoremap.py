@@ -1,8 +1,8 @@
 """Score map format, version 1: per-component scores of one expert, as safetensors.
 
-Keys are the HF module paths they score (`model.layers.{l}.self_attn.heads`,
-`model.layers.{l}.mlp.neurons`, optional parts `...heads.q`, `...neurons.gate`, ...);
-header metadata says what made the map. In memory the layers are stacked: `[layers, units]`.
+Keys are `components.score_key`: the Llama-style module path of layer l's heads or neurons, plus
+`.q`, `.gate`, ... for optional parts; header metadata says what made the map. In memory the
+layers are stacked: `[layers, units]`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape
+from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape, part_kind, score_key
 from mergekit_wp.io import atomic_file
 
 FORMAT = "mergekit-wp/score-map"
@@ -106,16 +106,16 @@ def unit_scores(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return heads, neurons
 
 
-def head_key(layer: int, part: str | None = None) -> str:
-    return f"model.layers.{layer}.self_attn.heads" + (f".{part}" if part else "")
+def head_key(layer: int) -> str:
+    return score_key("head", layer)
 
 
-def neuron_key(layer: int, part: str | None = None) -> str:
-    return f"model.layers.{layer}.mlp.neurons" + (f".{part}" if part else "")
+def neuron_key(layer: int) -> str:
+    return score_key("neuron", layer)
 
 
 def _part_key(part: str, layer: int) -> str:
-    return head_key(layer, part) if part in HEAD_PARTS else neuron_key(layer, part)
+    return score_key(part_kind(part), layer, part)
 
 
 def write_score_map(path: str | os.PathLike, scores: ScoreMap) -> Path:
@@ -266,8 +266,7 @@ def _validate_tensors(source: str, scores: ScoreMap) -> None:
             )
     named = [("heads", scores.heads, head_key), ("neurons", scores.neurons, neuron_key)]
     for part, values in scores.parts.items():
-        key_of = head_key if part in HEAD_PARTS else neuron_key
-        named.append((f"part {part}", values, lambda layer, k=key_of, p=part: k(layer, p)))
+        named.append((f"part {part}", values, lambda layer, p=part: _part_key(p, layer)))
     for name, values, key_of in named:
         bad = ~torch.isfinite(values)
         if bad.any():

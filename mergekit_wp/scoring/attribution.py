@@ -19,7 +19,6 @@ from mergekit_wp.scoring.forward import (
     forward_to,
     model_shape,
     recording_site_inputs,
-    role_of,
 )
 from mergekit_wp.scoring.utility import Utility, compute_dtype
 
@@ -43,12 +42,8 @@ def _slots(model: nn.Module, shape: ModelShape, stop: int) -> list[_Slot]:
     params = dict(model.named_parameters())
     out = []
     for layer in range(stop + 1):
-        for role in shape.roles("head") + shape.roles("neuron"):
-            for param in ("weight", "bias"):
-                name = f"{shape.module_path(layer, role)}.{param}"
-                # Per-unit biases only (q_proj on Qwen2); o/down biases are shared by the layer.
-                if name in params and (param == "weight" or role.axis == 0):
-                    out.append(_Slot(layer, role, name))
+        for unit in ("head", "neuron"):
+            out += [_Slot(layer, role, name) for name, role in shape.unit_tensors(layer, unit) if name in params]
     return out
 
 
@@ -165,7 +160,7 @@ def _activation_scores(
     for (layer, part), grad in zip(keys, grads):
         if grad is None:
             continue
-        role = role_of(shape, part)
+        role = shape.role(part)
         base_act = acts[(layer, part)].detach()
         dtype = compute_dtype(base_act)
         diff = sft_acts[(layer, part)].to(base_act.device, dtype) - base_act.to(dtype)

@@ -1,8 +1,8 @@
 """Exact single-component sweeps: Weight Patching (§3) and activation patching (§5).
 
 One generic driver, `layer_effects`, plus tiny setters: a setter turns a chunk of units of
-layer `l` into the change each one makes to its site's output (`self_attn` for heads,
-`mlp` for neurons), `[V, B, T, d]`. The driver reuses the base's residual stream up to `l`
+layer `l` into the change each one makes to its site's output (`ModelShape.site`: the
+attention module for heads, the MLP for neurons), `[V, B, T, d]`. The driver reuses the base's residual stream up to `l`
 (a `Trace`), runs layer `l` once for all V variants stacked along the batch, then layers
 `l+1..stop` on the `V*B` batch, and stops where the utility reads. Variants whose change is
 exactly zero (unchanged weights, equal activations) are not run: their effect is 0.
@@ -28,7 +28,6 @@ from mergekit_wp.scoring.forward import (
     last_position_only,
     model_shape,
     repeat_batch,
-    role_of,
     run_layers,
     site_inputs,
     substituted,
@@ -42,24 +41,20 @@ __all__ = ["LayerRun", "ap_setter", "batch_scores", "exact_scores", "layer_effec
 Method = Literal["wp", "ap"]
 Setter = Callable[[Sequence[int]], torch.Tensor]  # units -> site-output changes [V, B, T, d]
 
-_SITE_PART = {"head": "o", "neuron": "down"}  # the write-back projection of each unit kind
-
-
 @dataclass
 class LayerRun:
     """One base run of layer `l`: the site modules' call arguments, inputs and outputs."""
 
     attn_args: tuple
     attn_kwargs: dict[str, Any]
-    attn_out: Any  # self_attn's return value (tuple: output, weights)
+    attn_out: Any  # the attention site's return value (tuple: output, weights)
     mlp_in: torch.Tensor
     mlp_out: torch.Tensor
-    write_in: dict[str, torch.Tensor]  # "o": o_proj input [B,T,H*dh]; "down": down_proj input [B,T,I]
+    write_in: dict[str, torch.Tensor]  # writer part -> its input: "o" [B,T,H*dh], "down" [B,T,I]
 
 
 def _site_module(model: nn.Module, shape: ModelShape, layer: int, unit: Unit) -> nn.Module:
-    path = shape.attention_path(layer) if unit == "head" else shape.mlp_path(layer)
-    return model.get_submodule(path)
+    return model.get_submodule(shape.site_path(layer, unit))
 
 
 @torch.no_grad()
@@ -82,9 +77,9 @@ def run_layer(model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[s
         mlp.register_forward_pre_hook(keep("mlp_in")),
         mlp.register_forward_hook(keep("mlp_out")),
     ]
-    for part in _SITE_PART.values():
-        path = shape.module_path(layer, role_of(shape, part))
-        hooks.append(model.get_submodule(path).register_forward_pre_hook(keep(part)))
+    writers = [shape.writer(unit) for unit in ("head", "neuron")]
+    for role in writers:
+        hooks.append(model.get_submodule(shape.module_path(layer, role)).register_forward_pre_hook(keep(role.part)))
     try:
         decoder_layers(model, shape)[layer](hidden, **kwargs)
     finally:
@@ -92,7 +87,7 @@ def run_layer(model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[s
             handle.remove()
     args, kw = seen["attn_call"]
     return LayerRun(args, kw, seen["attn_out"], seen["mlp_in"], seen["mlp_out"],
-                    {p: seen[p] for p in _SITE_PART.values()})
+                    {role.part: seen[role.part] for role in writers})
 
 
 def _write(inputs: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
@@ -104,7 +99,7 @@ def _write(inputs: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, widt
 
 
 def _write_weight(model: nn.Module, shape: ModelShape, layer: int, unit: Unit) -> torch.Tensor:
-    return model.get_parameter(f"{shape.module_path(layer, role_of(shape, _SITE_PART[unit]))}.weight")
+    return model.get_parameter(f"{shape.module_path(layer, shape.writer(unit))}.weight")
 
 
 def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: LayerRun) -> Setter:
@@ -115,17 +110,15 @@ def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: Laye
     """
     shape = model_shape(base)
     module = _site_module(base, shape, layer, unit)
-    prefix = shape.attention_path(layer) if unit == "head" else shape.mlp_path(layer)
+    prefix = shape.site_path(layer, unit)
     sft_params = dict(sft.named_parameters())
     overrides = {}
-    for role in shape.roles(unit):
-        for param in ("weight", "bias"):
-            name = f"{shape.module_path(layer, role)}.{param}"
-            if role.axis == 0 and name in sft_params:
-                overrides[name[len(prefix) + 1:]] = sft_params[name].to(run.mlp_in.device)
-    part = _SITE_PART[unit]
+    for name, role in shape.unit_tensors(layer, unit):
+        if not role.writes_residual and name in sft_params:
+            overrides[name[len(prefix) + 1:]] = sft_params[name].to(run.mlp_in.device)
+    part = shape.writer(unit).part
     patched_in: dict[str, torch.Tensor] = {}
-    write = module.get_submodule(role_of(shape, part).module)
+    write = module.get_submodule(shape.writer(unit).module)
     handle = write.register_forward_pre_hook(lambda m, args: patched_in.setdefault("x", args[0]))
     try:
         with torch.no_grad():
@@ -152,22 +145,20 @@ def _changed_units(base: nn.Module, sft: nn.Module, shape: ModelShape, layer: in
     """`[units]` bool: whether any parameter of the unit's slice differs between the models."""
     changed = torch.zeros(shape.unit_count(unit), dtype=torch.bool)
     base_params, sft_params = dict(base.named_parameters()), dict(sft.named_parameters())
-    for role in shape.roles(unit):
-        for param in ("weight", "bias"):
-            name = f"{shape.module_path(layer, role)}.{param}"
-            if name not in base_params or (param == "bias" and role.axis != 0):
-                continue
-            diff = base_params[name].detach() != sft_params[name].detach().to(base_params[name].device)
-            if diff.ndim == 2:
-                diff = diff.any(dim=1 - role.axis)
-            changed |= diff.reshape(shape.unit_count(unit), -1).any(-1).cpu()
+    for name, role in shape.unit_tensors(layer, unit):
+        if name not in base_params:
+            continue
+        diff = base_params[name].detach() != sft_params[name].detach().to(base_params[name].device)
+        if diff.ndim == 2:
+            diff = diff.any(dim=1 - role.axis)
+        changed |= diff.reshape(shape.unit_count(unit), -1).any(-1).cpu()
     return changed
 
 
 def ap_setter(base: nn.Module, sft_inputs: torch.Tensor, layer: int, unit: Unit, run: LayerRun) -> Setter:
     """Activation patching: unit `u`'s input to the write-side projection taken from the sft run."""
     shape = model_shape(base)
-    part = _SITE_PART[unit]
+    part = shape.writer(unit).part
     weight = _write_weight(base, shape, layer, unit)
     diff = sft_inputs.to(run.write_in[part].device) - run.write_in[part]
     width = shape.unit_width(unit)
@@ -228,7 +219,7 @@ def _run_variants(
     kwargs = [repeat_batch(k, variants, size) if i >= layer else k for i, k in enumerate(base_trace.kwargs)]
     hidden = base_trace.inputs[layer].repeat(variants, 1, 1)
     module = decoder_layers(base, shape)[layer]
-    attn_name, mlp_name = shape.family.attention, shape.family.mlp
+    attn_name, mlp_name = shape.site("head"), shape.site("neuron")
     with ExitStack() as stack, torch.no_grad():
         if unit == "head":
             new_attn = (patched, *run.attn_out[1:]) if isinstance(run.attn_out, tuple) else patched
@@ -335,7 +326,7 @@ def layer_sums(
     elif method == "ap":
         if sft_inputs is None:
             sft_inputs = site_inputs(sft, batch, stop)
-        setter = ap_setter(base, sft_inputs[(layer, _SITE_PART[unit])], layer, unit, run)
+        setter = ap_setter(base, sft_inputs[(layer, model_shape(base).writer(unit).part)], layer, unit, run)
     else:
         raise ValueError(f"exact method must be 'wp' or 'ap'; got {method!r}")
     effects = layer_effects(

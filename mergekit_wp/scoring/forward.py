@@ -8,7 +8,7 @@ family details (Gemma 2 post-norms, sliding-window masks, q biases) stay the mod
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +54,45 @@ def decoder_layers(model: nn.Module, shape: ModelShape) -> nn.ModuleList:
     return model.get_submodule(shape.family.layers_prefix)
 
 
+def decoder_layer(model: nn.Module, shape: ModelShape, layer: int) -> nn.Module:
+    """The decoder-layer module `l` of an HF causal LM, by its native module path."""
+    if not 0 <= layer < shape.num_hidden_layers:
+        raise ValueError(
+            f"layer {layer} is out of range; the model has {shape.num_hidden_layers} decoder layers"
+        )
+    return model.get_submodule(shape.layer_prefix(layer))
+
+
+def layer_outputs(
+    model: nn.Module, shape: ModelShape, layers: list[int] | range, run: Callable[[], Any],
+    stop_early: bool = True,
+) -> dict[int, torch.Tensor]:
+    """`{l: output of decoder layer l}` for `layers`, recorded while `run()` runs the model.
+
+    With `stop_early`, the forward ends after the last of them: the rest is not computed.
+    """
+    wanted = sorted(set(layers))
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(layer: int) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            captured[layer] = hidden_of(output)
+            if stop_early and layer == wanted[-1]:
+                raise _Stop
+
+        return hook
+
+    handles = [decoder_layer(model, shape, l).register_forward_hook(make_hook(l)) for l in wanted]
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
 def model_shape(model: nn.Module) -> ModelShape:
     return ModelShape.from_config(model.config)
 
@@ -83,21 +122,7 @@ def forward_to(model: nn.Module, batch: TokenBatch, layer: int) -> torch.Tensor:
 
     Runs under the caller's grad mode, so it serves gradient passes too.
     """
-    shape = model_shape(model)
-    out: list[torch.Tensor] = []
-
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        out.append(hidden_of(output))
-        raise _Stop
-
-    handle = decoder_layers(model, shape)[layer].register_forward_hook(hook)
-    try:
-        _call(model, batch)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return out[0]
+    return layer_outputs(model, model_shape(model), [layer], lambda: _call(model, batch))[layer]
 
 
 @dataclass
@@ -112,30 +137,23 @@ class Trace:
 @torch.no_grad()
 def trace(model: nn.Module, batch: TokenBatch, stop: int) -> Trace:
     """Run `model` up to layer `stop`, recording what every layer received."""
-    layers = decoder_layers(model, model_shape(model))
+    shape = model_shape(model)
+    layers = decoder_layers(model, shape)
     inputs: list[torch.Tensor] = []
     kwargs: list[dict[str, Any]] = []
-    out: list[torch.Tensor] = []
 
     def pre_hook(module: nn.Module, args: tuple, kw: dict[str, Any]) -> None:
         kw = dict(kw)
         inputs.append(args[0] if args else kw.pop("hidden_states"))
         kwargs.append(kw)
 
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        out.append(hidden_of(output))
-        raise _Stop
-
     handles = [layers[l].register_forward_pre_hook(pre_hook, with_kwargs=True) for l in range(stop + 1)]
-    handles.append(layers[stop].register_forward_hook(hook))
     try:
-        _call(model, batch)
-    except _Stop:
-        pass
+        out = layer_outputs(model, shape, [stop], lambda: _call(model, batch))
     finally:
         for handle in handles:
             handle.remove()
-    return Trace(inputs, kwargs, out[0])
+    return Trace(inputs, kwargs, out[stop])
 
 
 def run_layers(
@@ -215,39 +233,34 @@ def last_position_only(parent: nn.Module, name: str) -> Iterator[None]:
 
 
 def logits_from_hidden(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Final norm, LM head and (Gemma 2) logit soft-capping applied to last-layer states."""
-    hidden = model.get_decoder().norm(hidden)
-    logits = model.get_output_embeddings()(hidden)
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    """The model's logits from last-layer states: its final norm, LM head and the family's logit
+    transforms (Gemma 2 soft-capping), all named by its `components` table."""
+    shape = model_shape(model)
+    hidden = model.get_submodule(shape.family.final_norm)(hidden)
+    logits = model.get_submodule(shape.family.unembedding)(hidden)
+    return shape.transform_logits(logits)
 
 
 def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def role_of(shape: ModelShape, part: str):
-    """The components role of a score-map part name (q, o, gate, up, down)."""
-    return next(r for r in shape.roles() if r.part == part)
-
-
 @contextmanager
 def recording_site_inputs(
     model: nn.Module, stop: int, found: dict[tuple[int, str], torch.Tensor], grad: bool = False
 ) -> Iterator[None]:
-    """While active, forwards store the inputs of `o_proj` and `down_proj` of layers `0..stop`.
+    """While active, forwards store the inputs of the writer roles (`ModelShape.writer`: o_proj,
+    down_proj) of layers `0..stop`.
 
     Keys are `(layer, "o")` `[B, T, H*head_dim]` (per-head outputs) and `(layer, "down")`
-    `[B, T, I]` (neuron activations). With `grad`, the embeddings require grad so these inputs
+    `[B, T, I]` (neuron activations), by the writer's part. With `grad`, the embeddings require grad so these inputs
     join the autograd graph even when no parameter does.
     """
     shape = model_shape(model)
     handles = []
     for layer in range(stop + 1):
-        for part in ("o", "down"):
-            module = model.get_submodule(shape.module_path(layer, role_of(shape, part)))
+        for part in (shape.writer(unit).part for unit in ("head", "neuron")):
+            module = model.get_submodule(shape.module_path(layer, shape.role(part)))
 
             def hook(mod: nn.Module, args: tuple, key: tuple[int, str] = (layer, part)) -> None:
                 found[key] = args[0]
@@ -268,7 +281,7 @@ def recording_site_inputs(
 
 @torch.no_grad()
 def site_inputs(model: nn.Module, batch: TokenBatch, stop: int) -> dict[tuple[int, str], torch.Tensor]:
-    """`o_proj` / `down_proj` inputs of layers `0..stop` in one forward (see recording_site_inputs)."""
+    """Writer inputs of layers `0..stop` in one forward (see recording_site_inputs)."""
     found: dict[tuple[int, str], torch.Tensor] = {}
     with recording_site_inputs(model, stop, found):
         forward_to(model, batch, stop)

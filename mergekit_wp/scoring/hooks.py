@@ -15,30 +15,13 @@ import torch
 from torch import nn
 
 from mergekit_wp.components import ModelShape
+from mergekit_wp.scoring.forward import decoder_layer, hidden_of, layer_outputs
 
 SteerMode = Literal["anchor", "all"]
 
 
-class _StopForward(Exception):
-    """Raised by the capture hook after the last requested layer, to skip the rest of the model."""
-
-
-def _hidden(output: Any) -> torch.Tensor:
-    # transformers 5 decoder layers return a tensor; older ones (and some remote code) a tuple.
-    return output[0] if isinstance(output, tuple) else output
-
-
 def _replace_hidden(output: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
-def decoder_layer(model: nn.Module, shape: ModelShape, layer: int) -> nn.Module:
-    """The decoder-layer module `l` of an HF causal LM, by its native module path."""
-    if not 0 <= layer < shape.num_hidden_layers:
-        raise ValueError(
-            f"layer {layer} is out of range; the model has {shape.num_hidden_layers} decoder layers"
-        )
-    return model.get_submodule(shape.layer_prefix(layer))
 
 
 def capture_residuals(
@@ -55,37 +38,15 @@ def capture_residuals(
     Runs under the caller's grad mode (wrap in `torch.no_grad()` for plain reads). With
     `stop_early`, the forward stops after the last requested layer: the rest is not computed.
     """
-    wanted = sorted(set(range(shape.num_hidden_layers) if layers is None else layers))
+    wanted = range(shape.num_hidden_layers) if layers is None else layers
     if not wanted:
         raise ValueError("capture_residuals needs at least one layer")
-    captured: dict[int, torch.Tensor] = {}
-    last = wanted[-1]
-
-    def make_hook(layer: int):
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            captured[layer] = _hidden(output)
-            if stop_early and layer == last:
-                raise _StopForward
-
-        return hook
-
-    handles = [
-        decoder_layer(model, shape, layer).register_forward_hook(make_hook(layer))
-        for layer in wanted
-    ]
-    try:
-        model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        )
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
+    return layer_outputs(
+        model, shape, wanted,
+        lambda: model(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=False),
+        stop_early,
+    )
 
 
 def steer_residual(
@@ -101,14 +62,13 @@ def steer_residual(
     return (z + coefficient.unsqueeze(-1) * unit).to(hidden.dtype)
 
 
-def _cache_is_empty(layer_module: nn.Module, kwargs: dict[str, Any]) -> bool:
+def _cache_is_empty(attention: nn.Module, kwargs: dict[str, Any]) -> bool:
     """Whether this call of the layer is a prefill (or a forward without cache)."""
     # transformers 5.24 passes it as `cache`; earlier 5.x releases as `past_key_values`.
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is None:
         return True
-    layer_idx = getattr(getattr(layer_module, "self_attn", None), "layer_idx", 0)
-    return cache.get_seq_length(layer_idx) == 0
+    return cache.get_seq_length(getattr(attention, "layer_idx", 0)) == 0
 
 
 @contextmanager
@@ -135,14 +95,15 @@ def steering(
         raise ValueError("steering direction must be a finite, non-zero vector")
     unit = direction / norm
     module = decoder_layer(model, shape, layer)
+    attention = module.get_submodule(shape.site("head"))
     prefill: list[bool] = [True]
 
     def pre_hook(mod: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
         # Read before the layer writes its own keys/values into the cache.
-        prefill[0] = _cache_is_empty(mod, kwargs)
+        prefill[0] = _cache_is_empty(attention, kwargs)
 
     def hook(mod: nn.Module, args: Any, output: Any) -> Any:
-        hidden = _hidden(output)
+        hidden = hidden_of(output)
         if mode == "all":
             return _replace_hidden(output, steer_residual(hidden, unit, target))
         if not prefill[0]:
