@@ -3,8 +3,9 @@
 Random weights built locally and cached under `out/bench-scale/<shape>/` (a base and two experts
 = base + noise, bf16 checkpoints, with random score maps for the merge). KL utility throughout.
 
-- WP-attr time / one plain forward+backward (fp32 and bf16), and WP-attr's peak memory in units
-  of one model's weights in that dtype (targets: <= 1.5 and <= 3); the overlap of the bf16 and
+- WP-attr time / one plain forward+backward (fp32 and bf16), per batch of a run (Δθ already
+  computed: it is computed once per run) and for a run's first batch (Δθ included), and
+  WP-attr's peak memory in units of one model's weights in that dtype (targets: <= 1.5, <= 3); the overlap of the bf16 and
   fp32 maps' top-20 heads by |score| (what `dtype: auto` trades on a CPU with native bf16).
 - Exact head-level WP (batched, prefix-shared) / naive copy-and-forward (copy the base, swap in
   one head's slices, run the whole model) per head, on a subset of heads (target >= 20x on GPU).
@@ -122,7 +123,11 @@ def load(root: Path, name: str, dtype: torch.dtype, device: str):
 
 def attribution_figures(root: Path, dtype: torch.dtype, device: str,
                         args) -> tuple[dict, torch.Tensor]:
-    """WP-attr / plain fwd+bwd and WP-attr's peak / one model's weights, in `dtype`; the heads."""
+    """WP-attr / plain fwd+bwd and WP-attr's peak / one model's weights, in `dtype`; the heads.
+
+    Two WP-attr times: a run's first pass, which also computes Δθ (once per run), and a pass with
+    Δθ already computed, which is what every further batch of a run costs.
+    """
     rss_before = _rss()
     base, sft = load(root, "base", dtype, device), load(root, "expert-a", dtype, device)
     shape = ModelShape.from_config(base.config)
@@ -130,14 +135,18 @@ def attribution_figures(root: Path, dtype: torch.dtype, device: str,
                                             args.length, device), args.response)
     utility = KLUtility(sft)
     memory = PeakMemory(device)
-    wp_attr(base, sft, fresh(batches[:1]), utility)  # warm-up
+    deltas: dict[str, torch.Tensor] = {}
+    wp_attr(base, sft, fresh(batches[:1]), utility)  # warm-up (allocator, kernels)
     with memory.measure():
-        attr, heads = _timed(device, lambda: wp_attr(base, sft, fresh(batches), utility))
+        first, heads = _timed(device, lambda: wp_attr(base, sft, fresh(batches), utility, deltas))
+        attr, _ = _timed(device, lambda: wp_attr(base, sft, fresh(batches), utility, deltas))
     peak = memory.peak - (0 if device.startswith("cuda") else rss_before)
     plain_step(base, batches[:1])  # warm-up
     plain, _ = _timed(device, lambda: plain_step(base, batches))
     name = str(dtype).removeprefix("torch.")
-    return {f"{name}_wp_attr_s": attr, f"{name}_plain_fwd_bwd_s": plain,
+    return {f"{name}_wp_attr_first_pass_s": first, f"{name}_wp_attr_s": attr,
+            f"{name}_plain_fwd_bwd_s": plain,
+            f"{name}_wp_attr_first_pass_over_plain": first / plain,
             f"{name}_wp_attr_over_plain": attr / plain,
             f"{name}_wp_attr_peak_over_weights": peak / weight_bytes(base)}, heads
 

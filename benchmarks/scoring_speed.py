@@ -96,10 +96,13 @@ def plain_step(model, batches: list[TokenBatch]) -> None:
     model.requires_grad_(False)
 
 
-def wp_attr(base, sft, batches, utility) -> torch.Tensor:
-    """WP-attr as the pipeline runs it: the sft's forward, then the base's forward + backward."""
+def wp_attr(base, sft, batches, utility, deltas: dict | None = None) -> torch.Tensor:
+    """WP-attr as the pipeline runs it: the sft's forward, then the base's forward + backward.
+
+    `deltas` is the run's Δθ cache (the pipeline computes Δθ once per run); a fresh one by default.
+    """
     total = None
-    deltas: dict[str, torch.Tensor] = {}  # Δθ once per run, as the pipeline keeps it
+    deltas = {} if deltas is None else deltas
     for batch in batches:
         with torch.no_grad():
             f_sft = utility(sft, batch).double().cpu()
