@@ -24,8 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+LINT_PATHS := mergekit_wp tests benchmarks
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check mergekit_wp tests benchmarks
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) out

@@ -1,4 +1,5 @@
-"""`mergekit-wp`: a thin click layer over the Python API; each subcommand lives with its subsystem."""
+"""`mergekit-wp`: a thin click layer over the Python API; each subcommand lives with its
+subsystem."""
 
 from __future__ import annotations
 

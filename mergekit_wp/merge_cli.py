@@ -1,4 +1,5 @@
-"""`mergekit-wp merge RECIPE OUT`: mergekit-yaml with `wp` registered and its inputs checked first."""
+"""`mergekit-wp merge RECIPE OUT`: mergekit-yaml with `wp` registered and its inputs checked
+first."""
 
 from __future__ import annotations
 

@@ -178,8 +178,8 @@ def demo(limit, out) -> None:
     from mergekit_wp.evaluation.demo import run_demo
 
     click.echo(
-        "demo: score the zoo's experts, merge 4 combinations x the methods of evals/bench-zoo.yml's "
-        "`demo:`, evaluate the micro suite on the first examples of each task"
+        "demo: score the zoo's experts, merge 4 combinations x the methods of "
+        "evals/bench-zoo.yml's `demo:`, evaluate the micro suite on the first examples of each task"
     )
     try:
         result = run_demo(limit=limit, out=out)

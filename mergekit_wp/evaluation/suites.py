@@ -28,10 +28,13 @@ _TASK_KEYS = {"task", "column", "metric", "chat_template"}
 
 
 def evals_dir() -> Path:
-    """The top-level `evals/` folder of this checkout (suites, benches and task YAMLs)."""
-    import mergekit_wp
+    """The folder of suites, benches and task YAMLs: a wheel's package data `mergekit_wp/_evals`,
+    else (a checkout, an editable install) the checkout's top-level `evals/`."""
+    from importlib.resources import files
 
-    return Path(mergekit_wp.__file__).resolve().parents[1] / "evals"
+    package = Path(str(files("mergekit_wp")))
+    packaged = package / "_evals"
+    return packaged if packaged.is_dir() else package.resolve().parent / "evals"
 
 
 @dataclass(frozen=True)
