@@ -19,7 +19,7 @@ from mergekit_wp.merge_method import register_once
 
 METHOD_NAME = "widen"
 # The input embedding is stored [vocab, hidden] (nn.Embedding), the transpose of a linear layer's
-# [out, in]; its "columns" are its token rows. Every family here names it the same.
+# [out, in]; its "columns" are its token rows. Its name is each family table's `embedding`.
 TOKEN_EMBEDDINGS = frozenset(f"{family.embedding}.weight" for family in FAMILIES)
 
 

@@ -14,17 +14,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from mergekit_wp.io import atomic_write_text
+from mergekit_wp.scoring.data import IFEVAL_TASKS
 from mergekit_wp.zoo import corpus as C
 from mergekit_wp.zoo import words as W
-
-IFEVAL_TASKS = {
-    "english_capital": "change_case:english_capital",
-    "no_comma": "punctuation:no_comma",
-    "title": "detectable_format:title",
-    "quotation": "startend:quotation",
-    "multiple_sections": "detectable_format:multiple_sections",
-    "number_highlighted_sections": "detectable_format:number_highlighted_sections",
-}
 
 # ---------------------------------------------------------------- IFEval-style paired prompts
 
