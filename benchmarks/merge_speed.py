@@ -83,7 +83,9 @@ def child(recipe: str, out: str) -> None:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_wp  # noqa: F401  registers `wp` (loaded for both methods alike)
+    from mergekit_wp import register
+
+    register()  # `wp` (loaded for both methods alike)
 
     config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text()))
     options = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)

@@ -363,12 +363,12 @@ def test_score_output_override_moves_the_anchor_with_it(pair, tmp_path):
 
 
 def test_stitched_scoring_labels_its_progress_bars(pair, tmp_path, monkeypatch):
-    from mergekit_wp.scoring import pipeline
+    from mergekit_wp.scoring import engine
 
     labels = []
-    real = pipeline.tqdm
+    real = engine.tqdm
     monkeypatch.setattr(
-        pipeline, "tqdm", lambda *a, **kw: labels.append(kw["desc"]) or real(*a, **kw)
+        engine, "tqdm", lambda *a, **kw: labels.append(kw["desc"]) or real(*a, **kw)
     )
     utility = {"kind": "anchor", "anchor": str(pair / "anchor.safetensors"), "downstream": "kl"}
     score(parse_config(scoring(pair, tmp_path / "o", utility=utility, methods=["wp_attr", "wp"])))

@@ -22,7 +22,9 @@ def contract_problem(merge_method: str, experts: int, with_base: bool) -> str | 
     method is not registered here and cannot be asked)."""
     from mergekit.merge_methods import registry
 
-    import mergekit_wp  # noqa: F401  registers wp and widen
+    from mergekit_wp import register
+
+    register()  # the methods must be in the registry to be asked
 
     try:
         method = registry.get(merge_method)
