@@ -44,7 +44,10 @@ LogitOp = Literal["multiply", "divide", "softcap"]
 # its modules.
 HEAD_PARTS = ("q", "o")
 NEURON_PARTS = ("gate", "up", "down")
-_SCORE_KEYS = {"head": "model.layers.{layer}.self_attn.heads", "neuron": "model.layers.{layer}.mlp.neurons"}
+_SCORE_KEYS = {
+    "head": "model.layers.{layer}.self_attn.heads",
+    "neuron": "model.layers.{layer}.mlp.neurons",
+}
 
 
 def score_key(kind: ComponentKind, layer: int, part: str | None = None) -> str:
@@ -83,7 +86,7 @@ class ArchitectureFamily:
     unembedding: str
     final_norm: str
     logits: tuple[tuple[LogitOp, str], ...]  # (op, config key), applied in order after the LM head
-    attn_implementation: str  # what scoring loads the model with unless told otherwise
+    attn_implementation: str  # what scoring loads it with unless told (Gemma 2 refuses sdpa)
     roles: tuple[TensorRole, ...]
 
     def site_module(self, site: Site) -> str:
@@ -91,7 +94,8 @@ class ArchitectureFamily:
 
 
 _FAMILY_KEYS = {f.name for f in fields(ArchitectureFamily)}
-_ROLE_KEYS = {f.name for f in fields(TensorRole)} - {"unit_bias"} | {"bias"}
+_ROLE_REQUIRED = {"module", "site", "unit", "axis", "part", "bias"}  # "bias": "unit" or "shared"
+_ROLE_KEYS = _ROLE_REQUIRED | {"writes_residual"}
 
 
 def _family_from_table(source: str, table: dict[str, Any]) -> ArchitectureFamily:
@@ -105,37 +109,50 @@ def _family_from_table(source: str, table: dict[str, Any]) -> ArchitectureFamily
         raise fail(f"keys must be {sorted(_FAMILY_KEYS)}; missing {missing}, unexpected {extra}")
     roles = []
     for i, raw in enumerate(table["roles"]):
-        if not set(raw) <= _ROLE_KEYS or not {"module", "site", "unit", "axis", "part", "bias"} <= set(raw):
-            raise fail(f"roles[{i}] has keys {sorted(raw)}; expected {sorted(_ROLE_KEYS)}")
+        if not _ROLE_REQUIRED <= set(raw) <= _ROLE_KEYS:
+            raise fail(
+                f"roles[{i}] has keys {sorted(raw)}; expected {sorted(_ROLE_REQUIRED)} "
+                "and optionally writes_residual"
+            )
         if raw["site"] not in get_args(Site) or raw["unit"] not in get_args(Unit):
-            raise fail(f"roles[{i}]: site must be one of {get_args(Site)}, unit one of {get_args(Unit)}")
+            raise fail(
+                f"roles[{i}]: site must be one of {get_args(Site)}, unit one of {get_args(Unit)}"
+            )
         if raw["bias"] not in ("unit", "shared") or raw["axis"] not in (0, 1):
             raise fail(f"roles[{i}]: bias must be 'unit' or 'shared' and axis 0 or 1")
-        fields_ = {k: v for k, v in raw.items() if k != "bias"}
-        roles.append(TensorRole(**fields_, unit_bias=raw["bias"] == "unit"))
+        role = {k: v for k, v in raw.items() if k != "bias"}
+        roles.append(TensorRole(**role, unit_bias=raw["bias"] == "unit"))
     for kind, parts in (("head", HEAD_PARTS), ("neuron", NEURON_PARTS)):
         have = tuple(r.part for r in roles if r.unit == kind)
         writers = [r.part for r in roles if r.unit == kind and r.writes_residual]
         if have != parts or len(writers) != 1:
-            raise fail(f"{kind} roles must have parts {parts} (score map format v1), exactly one "
-                       f"writing the residual stream; got parts {have}, writers {writers}")
+            raise fail(
+                f"{kind} roles must have parts {parts} (score map format v1), exactly one "
+                f"writing the residual stream; got parts {have}, writers {writers}"
+            )
     logits = []
     for i, raw in enumerate(table["logits"]):
         if set(raw) != {"op", "config_key"} or raw["op"] not in get_args(LogitOp):
             raise fail(f"logits[{i}] must be {{op: one of {get_args(LogitOp)}, config_key: ...}}")
         logits.append((raw["op"], raw["config_key"]))
-    return ArchitectureFamily(**{
-        **table, "architectures": tuple(table["architectures"]), "roles": tuple(roles),
-        "logits": tuple(logits),
-    })
+    return ArchitectureFamily(
+        **{
+            **table,
+            "architectures": tuple(table["architectures"]),
+            "roles": tuple(roles),
+            "logits": tuple(logits),
+        }
+    )
 
 
 def _load_families() -> tuple[ArchitectureFamily, ...]:
     """Every family table shipped in `mergekit_wp/_data/architectures/`, by file name."""
     folder = resources.files("mergekit_wp") / "_data" / "architectures"
     tables = sorted((f for f in folder.iterdir() if f.name.endswith(".json")), key=lambda f: f.name)
-    return tuple(_family_from_table(f"_data/architectures/{f.name}", json.loads(f.read_text()))
-                 for f in tables)
+    return tuple(
+        _family_from_table(f"_data/architectures/{f.name}", json.loads(f.read_text()))
+        for f in tables
+    )
 
 
 FAMILIES: tuple[ArchitectureFamily, ...] = _load_families()
@@ -303,8 +320,8 @@ class ModelShape:
             param = name.rsplit(".", 1)[-1]
             return WeightInfo(name, None, None, param, None)
         layer, module, param = int(match[1]), match[2], match[3]
-        role = next((r for r in self.family.roles
-                     if module == f"{self.family.site_module(r.site)}.{r.module}"), None)
+        paths = {f"{self.family.site_module(r.site)}.{r.module}": r for r in self.family.roles}
+        role = paths.get(module)
         if role is not None and param == "bias" and not role.unit_bias:
             role = None  # o_proj / down_proj biases are shared by all units of the layer
         return WeightInfo(name, layer, module, param, role)
@@ -319,7 +336,9 @@ class ModelShape:
         if role is not None:
             return "kv" if role.unit == "kv_group" else "component"
         module = name.rsplit(".", 1)[0]
-        return {self.family.embedding: "embedding", self.family.unembedding: "unembedding"}.get(module, "other")
+        return {self.family.embedding: "embedding", self.family.unembedding: "unembedding"}.get(
+            module, "other"
+        )
 
     def unit_slice(self, role: TensorRole, index: int, ndim: int) -> tuple[slice, ...]:
         """Index expression selecting unit `index` of a tensor with this role."""
@@ -336,15 +355,18 @@ class ModelShape:
         for role in self.family.roles:
             if role.part == part:
                 return role
-        raise ValueError(f"{self.family.name} has no part {part!r}; parts: "
-                         f"{', '.join(r.part for r in self.family.roles)}")
+        raise ValueError(
+            f"{self.family.name} has no part {part!r}; parts: "
+            f"{', '.join(r.part for r in self.family.roles)}"
+        )
 
     def writer(self, unit: Unit) -> TensorRole:
         """The role whose input is `unit`'s output and writes it to the residual stream."""
         return next(r for r in self.family.roles if r.unit == unit and r.writes_residual)
 
-    def unit_tensors(self, layer: int, unit: Unit, params: tuple[str, ...] = ("weight", "bias")
-                     ) -> Iterator[tuple[str, TensorRole]]:
+    def unit_tensors(
+        self, layer: int, unit: Unit, params: tuple[str, ...] = ("weight", "bias")
+    ) -> Iterator[tuple[str, TensorRole]]:
         """(tensor name, role) of every stored tensor of layer `layer` that `unit`s split.
 
         Biases are listed only where they are per-unit (q_proj); callers skip names their
@@ -355,9 +377,9 @@ class ModelShape:
                 if param == "weight" or role.unit_bias:
                     yield f"{self.module_path(layer, role)}.{param}", role
 
-    def slices(self, component: Component, params: tuple[str, ...] = ("weight", "bias")) -> dict[
-        str, tuple[slice, ...]
-    ]:
+    def slices(
+        self, component: Component, params: tuple[str, ...] = ("weight", "bias")
+    ) -> dict[str, tuple[slice, ...]]:
         """Θ(c): tensor name -> index expression for every stored slice that component owns.
 
         Biases as in `unit_tensors`.
@@ -369,7 +391,7 @@ class ModelShape:
 
     # --- logits ---------------------------------------------------------------------------
     def transform_logits(self, logits: Any) -> Any:
-        """The family's transforms after the LM head (`logit_ops`), as the model's forward does them."""
+        """The family's transforms after the LM head (`logit_ops`), as its forward does them."""
         import torch
 
         for op, value in self.logit_ops:
@@ -382,7 +404,7 @@ class ModelShape:
         return logits
 
     def unit_index(self, unit: Unit, units: Any) -> Any:
-        """Indices along a role's unit axis owned by `units` (in order): `head_dim` each for heads."""
+        """Indices along a role's unit axis owned by `units` (in order): `head_dim` per head."""
         import torch
 
         width = self.unit_width(unit)
@@ -399,7 +421,9 @@ class ModelShape:
 
 def load_shape(model_path_or_config: Any) -> ModelShape:
     """ModelShape from a folder / hub id (via transformers' AutoConfig) or a config object."""
-    if isinstance(model_path_or_config, (str, bytes)) or hasattr(model_path_or_config, "__fspath__"):
+    if isinstance(model_path_or_config, (str, bytes)) or hasattr(
+        model_path_or_config, "__fspath__"
+    ):
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(str(model_path_or_config))

@@ -82,8 +82,11 @@ class ScoreMap:
         """
         heads, neurons = unit_scores(parts)
         return cls(
-            heads=heads.float(), neurons=neurons.float(), num_key_value_heads=shape.num_key_value_heads,
-            parts={p: v.float() for p, v in parts.items()}, **info,
+            heads=heads.float(),
+            neurons=neurons.float(),
+            num_key_value_heads=shape.num_key_value_heads,
+            parts={p: v.float() for p, v in parts.items()},
+            **info,
         )
 
     def shape_metadata(self) -> dict[str, int]:
@@ -101,8 +104,11 @@ class ScoreMap:
 
 
 def unit_scores(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(heads, neurons) from part scores, left to right in the parts' dtype: q + o, gate + up + down."""
-    heads, neurons = (reduce(operator.add, (parts[p] for p in names)) for names in (HEAD_PARTS, NEURON_PARTS))
+    """(heads, neurons) from part scores, left to right in the parts' dtype: q + o, gate + up +
+    down."""
+    heads, neurons = (
+        reduce(operator.add, (parts[p] for p in names)) for names in (HEAD_PARTS, NEURON_PARTS)
+    )
     return heads, neurons
 
 
@@ -170,7 +176,8 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:
             raise ScoreMapError(
-                f"score map {source}: metadata format is {meta.get('format')!r}, expected {FORMAT!r}"
+                f"score map {source}: metadata format is {meta.get('format')!r}, "
+                f"expected {FORMAT!r}"
             )
         if meta.get("version") != VERSION:
             raise ScoreMapError(
@@ -188,11 +195,15 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
         keys = set(f.keys())
         layers = dims["num_hidden_layers"]
         if layers < 1:
-            raise ScoreMapError(f"score map {source}: metadata num_hidden_layers must be at least 1")
+            raise ScoreMapError(
+                f"score map {source}: metadata num_hidden_layers must be at least 1"
+            )
 
         def load(key: str, length: int) -> torch.Tensor:
             if key not in keys:
-                raise ScoreMapError(f"score map {source}: missing tensor {key!r} (expected [{length}])")
+                raise ScoreMapError(
+                    f"score map {source}: missing tensor {key!r} (expected [{length}])"
+                )
             value = f.get_tensor(key)
             if tuple(value.shape) != (length,):
                 raise ScoreMapError(
@@ -214,8 +225,7 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
         extra = sorted(keys - known)
         if extra:
             raise ScoreMapError(
-                f"score map {source}: unexpected tensor {extra[0]!r} for a map with "
-                f"{layers} layers"
+                f"score map {source}: unexpected tensor {extra[0]!r} for a map with {layers} layers"
             )
     try:
         details = json.loads(meta.get("details") or "{}")
@@ -272,6 +282,7 @@ def _validate_tensors(source: str, scores: ScoreMap) -> None:
         if bad.any():
             layer, index = (int(i) for i in bad.nonzero()[0])
             raise ScoreMapError(
-                f"score map {source}: {name} has a non-finite value ({values[layer, index].item()}) "
-                f"at {key_of(layer)}[{index}]; scores must be finite"
+                f"score map {source}: {name} has a non-finite value "
+                f"({values[layer, index].item()}) at {key_of(layer)}[{index}]; "
+                "scores must be finite"
             )

@@ -24,6 +24,7 @@ from tests.test_components import ARCHS, config_of
 def _model(architecture: str, **overrides):
     config = config_of(architecture, **overrides)
     shape = ModelShape.from_config(config)
+    # The table's default, as scoring loads it: transformers refuses sdpa for Gemma 2.
     config._attn_implementation = shape.family.attn_implementation
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).double().eval(), shape
@@ -68,7 +69,9 @@ def test_logits_from_hidden_are_the_models_logits(architecture):
         out = model(input_ids=ids, output_hidden_states=True)
         # hidden_states[-1] is after the final norm; the last decoder layer's output is wanted.
         last = {}
-        handle = model.model.layers[-1].register_forward_hook(lambda m, a, o: last.setdefault("z", o))
+        handle = model.model.layers[-1].register_forward_hook(
+            lambda m, a, o: last.setdefault("z", o)
+        )
         model(input_ids=ids)
         handle.remove()
         logits = logits_from_hidden(model, last["z"])
@@ -84,7 +87,9 @@ def test_logits_from_hidden_are_the_models_logits(architecture):
 def test_logit_ops_are_applied_in_order():
     shape = ModelShape.from_config(config_of("LlamaForCausalLM"))
     logits = torch.tensor([-3.0, 0.5, 8.0], dtype=torch.float64)
-    scaled = dataclasses.replace(shape, logit_ops=(("multiply", 2.0), ("divide", 4.0), ("softcap", 1.5)))
+    scaled = dataclasses.replace(
+        shape, logit_ops=(("multiply", 2.0), ("divide", 4.0), ("softcap", 1.5))
+    )
     expected = torch.tanh(logits * 2.0 / 4.0 / 1.5) * 1.5
     torch.testing.assert_close(scaled.transform_logits(logits), expected, rtol=0, atol=0)
     unset = ModelShape.from_config(config_of("Gemma2ForCausalLM", final_logit_softcapping=None))
@@ -97,16 +102,25 @@ def test_score_map_keys_are_format_v1_whatever_the_family():
 
 
 def _llama_table() -> dict:
-    return json.loads((resources.files("mergekit_wp") / "_data" / "architectures" / "llama.json").read_text())
+    return json.loads(
+        (resources.files("mergekit_wp") / "_data" / "architectures" / "llama.json").read_text()
+    )
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
         (lambda t: t.pop("final_norm"), r"keys must be .*; missing \['final_norm'\]"),
+        (lambda t: t["roles"][2].pop("part"), r"roles\[2\] has keys \['axis', 'bias', 'module'"),
         (lambda t: t["roles"][0].update(unit="expert"), r"roles\[0\]: site must be one of"),
-        (lambda t: t["roles"][1].update(bias="per-row"), r"roles\[1\]: bias must be 'unit' or 'shared'"),
-        (lambda t: t["roles"][1].pop("writes_residual"), r"head roles must have parts \('q', 'o'\)"),
+        (
+            lambda t: t["roles"][1].update(bias="per-row"),
+            r"roles\[1\]: bias must be 'unit' or 'shared'",
+        ),
+        (
+            lambda t: t["roles"][1].pop("writes_residual"),
+            r"head roles must have parts \('q', 'o'\)",
+        ),
         (lambda t: t["roles"][5].update(part="upper"), r"neuron roles must have parts"),
         (lambda t: t["logits"].append({"op": "clip", "config_key": "x"}), r"logits\[0\] must be"),
     ],
@@ -114,5 +128,7 @@ def _llama_table() -> dict:
 def test_a_bad_table_is_refused_naming_the_file_and_key(edit, message):
     table = _llama_table()
     edit(table)
-    with pytest.raises(ValueError, match=r"architecture table _data/architectures/bad\.json: " + message):
+    with pytest.raises(
+        ValueError, match=r"architecture table _data/architectures/bad\.json: " + message
+    ):
         _family_from_table("_data/architectures/bad.json", table)

@@ -43,7 +43,11 @@ def _slots(model: nn.Module, shape: ModelShape, stop: int) -> list[_Slot]:
     out = []
     for layer in range(stop + 1):
         for unit in ("head", "neuron"):
-            out += [_Slot(layer, role, name) for name, role in shape.unit_tensors(layer, unit) if name in params]
+            out += [
+                _Slot(layer, role, name)
+                for name, role in shape.unit_tensors(layer, unit)
+                if name in params
+            ]
     return out
 
 
@@ -154,8 +158,12 @@ def _activation_scores(
 ) -> dict[str, torch.Tensor]:
     """<∇_{z_c} F, z_c(sft) - z_c(base)> summed over positions (and head dims) per component."""
     scores = {
-        "heads": torch.zeros(shape.num_hidden_layers, shape.num_attention_heads, dtype=torch.float64),
-        "neurons": torch.zeros(shape.num_hidden_layers, shape.intermediate_size, dtype=torch.float64),
+        "heads": torch.zeros(
+            shape.num_hidden_layers, shape.num_attention_heads, dtype=torch.float64
+        ),
+        "neurons": torch.zeros(
+            shape.num_hidden_layers, shape.intermediate_size, dtype=torch.float64
+        ),
     }
     for (layer, part), grad in zip(keys, grads):
         if grad is None:
@@ -166,5 +174,7 @@ def _activation_scores(
         diff = sft_acts[(layer, part)].to(base_act.device, dtype) - base_act.to(dtype)
         per_index = (grad.to(dtype) * diff).flatten(0, -2).sum(0)  # [units * width]
         key = "heads" if role.unit == "head" else "neurons"
-        scores[key][layer] = per_index.reshape(shape.unit_count(role.unit), -1).sum(-1).double().cpu()
+        scores[key][layer] = (
+            per_index.reshape(shape.unit_count(role.unit), -1).sum(-1).double().cpu()
+        )
     return scores

@@ -2,10 +2,11 @@
 
 One generic driver, `layer_effects`, plus tiny setters: a setter turns a chunk of units of
 layer `l` into the change each one makes to its site's output (`ModelShape.site`: the
-attention module for heads, the MLP for neurons), `[V, B, T, d]`. The driver reuses the base's residual stream up to `l`
-(a `Trace`), runs layer `l` once for all V variants stacked along the batch, then layers
-`l+1..stop` on the `V*B` batch, and stops where the utility reads. Variants whose change is
-exactly zero (unchanged weights, equal activations) are not run: their effect is 0.
+attention module for heads, the MLP for neurons), `[V, B, T, d]`. The driver reuses the base's
+residual stream up to `l` (a `Trace`), runs layer `l` once for all V variants stacked along the
+batch, then layers `l+1..stop` on the `V*B` batch, and stops where the utility reads. Variants
+whose change is exactly zero (unchanged weights, equal activations) are not run: their effect
+is 0.
 """
 
 from __future__ import annotations
@@ -35,11 +36,20 @@ from mergekit_wp.scoring.forward import (
 )
 from mergekit_wp.scoring.utility import ReadoutUtility, batch_context, compute_dtype
 
-__all__ = ["LayerRun", "ap_setter", "batch_scores", "exact_scores", "layer_effects", "layer_sums",
-           "run_layer", "wp_setter"]
+__all__ = [
+    "LayerRun",
+    "ap_setter",
+    "batch_scores",
+    "exact_scores",
+    "layer_effects",
+    "layer_sums",
+    "run_layer",
+    "wp_setter",
+]
 
 Method = Literal["wp", "ap"]
 Setter = Callable[[Sequence[int]], torch.Tensor]  # units -> site-output changes [V, B, T, d]
+
 
 @dataclass
 class LayerRun:
@@ -58,7 +68,9 @@ def _site_module(model: nn.Module, shape: ModelShape, layer: int, unit: Unit) ->
 
 
 @torch.no_grad()
-def run_layer(model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]) -> LayerRun:
+def run_layer(
+    model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[str, Any]
+) -> LayerRun:
     """Run decoder layer `layer` of `model` once, recording what its sites saw and produced."""
     shape = model_shape(model)
     seen: dict[str, Any] = {}
@@ -79,18 +91,30 @@ def run_layer(model: nn.Module, layer: int, hidden: torch.Tensor, kwargs: dict[s
     ]
     writers = [shape.writer(unit) for unit in ("head", "neuron")]
     for role in writers:
-        hooks.append(model.get_submodule(shape.module_path(layer, role)).register_forward_pre_hook(keep(role.part)))
+        hooks.append(
+            model.get_submodule(shape.module_path(layer, role)).register_forward_pre_hook(
+                keep(role.part)
+            )
+        )
     try:
         decoder_layers(model, shape)[layer](hidden, **kwargs)
     finally:
         for handle in hooks:
             handle.remove()
     args, kw = seen["attn_call"]
-    return LayerRun(args, kw, seen["attn_out"], seen["mlp_in"], seen["mlp_out"],
-                    {role.part: seen[role.part] for role in writers})
+    return LayerRun(
+        args,
+        kw,
+        seen["attn_out"],
+        seen["mlp_in"],
+        seen["mlp_out"],
+        {role.part: seen[role.part] for role in writers},
+    )
 
 
-def _write(inputs: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
+def _write(
+    inputs: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, width: int
+) -> torch.Tensor:
     """What each unit of `index` writes through `weight` `[d, units*width]`: `[V, B, T, d]`."""
     dtype = compute_dtype(inputs)
     x = inputs[..., index.to(inputs.device)].to(dtype).unflatten(-1, (-1, width))  # [B,T,V,w]
@@ -115,7 +139,7 @@ def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: Laye
     overrides = {}
     for name, role in shape.unit_tensors(layer, unit):
         if not role.writes_residual and name in sft_params:
-            overrides[name[len(prefix) + 1:]] = sft_params[name].to(run.mlp_in.device)
+            overrides[name[len(prefix) + 1 :]] = sft_params[name].to(run.mlp_in.device)
     part = shape.writer(unit).part
     patched_in: dict[str, torch.Tensor] = {}
     write = module.get_submodule(shape.writer(unit).module)
@@ -134,14 +158,17 @@ def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: Laye
 
     def setter(units: Sequence[int]) -> torch.Tensor:
         index = shape.unit_index(unit, units)
-        delta = _write(patched_in["x"], new_w, index, width) - _write(run.write_in[part], old_w, index, width)
+        new = _write(patched_in["x"], new_w, index, width)
+        delta = new - _write(run.write_in[part], old_w, index, width)
         # Unchanged slices patch nothing: make that exact rather than a rounding residue.
         return delta * changed[list(units)].to(delta.device, delta.dtype).view(-1, 1, 1, 1)
 
     return setter
 
 
-def _changed_units(base: nn.Module, sft: nn.Module, shape: ModelShape, layer: int, unit: Unit) -> torch.Tensor:
+def _changed_units(
+    base: nn.Module, sft: nn.Module, shape: ModelShape, layer: int, unit: Unit
+) -> torch.Tensor:
     """`[units]` bool: whether any parameter of the unit's slice differs between the models."""
     changed = torch.zeros(shape.unit_count(unit), dtype=torch.bool)
     base_params, sft_params = dict(base.named_parameters()), dict(sft.named_parameters())
@@ -155,7 +182,9 @@ def _changed_units(base: nn.Module, sft: nn.Module, shape: ModelShape, layer: in
     return changed
 
 
-def ap_setter(base: nn.Module, sft_inputs: torch.Tensor, layer: int, unit: Unit, run: LayerRun) -> Setter:
+def ap_setter(
+    base: nn.Module, sft_inputs: torch.Tensor, layer: int, unit: Unit, run: LayerRun
+) -> Setter:
     """Activation patching: unit `u`'s input to the write-side projection taken from the sft run."""
     shape = model_shape(base)
     part = shape.writer(unit).part
@@ -189,13 +218,14 @@ def layer_effects(
     chunk = max(1, max_variant_rows // size)
     out = torch.zeros(len(units), size, dtype=torch.float64)
     for start in range(0, len(units), chunk):
-        part = list(units[start:start + chunk])
+        part = list(units[start : start + chunk])
         delta = setter(part)
         live = (delta.flatten(1) != 0).any(1).cpu()
         if live.any():
-            values = _run_variants(base, shape, base_trace, run, batch, utility, layer, unit,
-                                   delta[live], stop)
-            out[start:start + len(part)][live] = values.double().cpu() - baseline
+            values = _run_variants(
+                base, shape, base_trace, run, batch, utility, layer, unit, delta[live], stop
+            )
+            out[start : start + len(part)][live] = values.double().cpu() - baseline
         if on_units is not None:
             on_units(len(part))
     return out
@@ -216,7 +246,10 @@ def _run_variants(
     variants, size = delta.shape[0], len(batch)
     site_out = hidden_of(run.attn_out) if unit == "head" else run.mlp_out
     patched = (site_out.to(delta.dtype).unsqueeze(0) + delta).to(site_out.dtype).flatten(0, 1)
-    kwargs = [repeat_batch(k, variants, size) if i >= layer else k for i, k in enumerate(base_trace.kwargs)]
+    kwargs = [
+        repeat_batch(k, variants, size) if i >= layer else k
+        for i, k in enumerate(base_trace.kwargs)
+    ]
     hidden = base_trace.inputs[layer].repeat(variants, 1, 1)
     module = decoder_layers(base, shape)[layer]
     attn_name, mlp_name = shape.site("head"), shape.site("neuron")
@@ -263,13 +296,17 @@ def exact_scores(
     """
     shape = model_shape(base)
     stop = utility.stop_layer(base)
-    plan = units if units is not None else {l: range(shape.unit_count(unit)) for l in range(stop + 1)}
+    plan = (
+        units if units is not None else {l: range(shape.unit_count(unit)) for l in range(stop + 1)}
+    )
     total = torch.zeros(shape.num_hidden_layers, shape.unit_count(unit), dtype=torch.float64)
     count = 0
     for batch in batches:
         _, _, weights = batch_context(base, sft, batch, utility, gap_floor)
         count += int((weights != 0).sum())
-        total += batch_scores(base, sft, batch, utility, method, unit, plan, weights, max_variant_rows)
+        total += batch_scores(
+            base, sft, batch, utility, method, unit, plan, weights, max_variant_rows
+        )
     return total / max(count, 1)
 
 
@@ -291,8 +328,18 @@ def batch_scores(
     total = torch.zeros(shape.num_hidden_layers, shape.unit_count(unit), dtype=torch.float64)
     for layer, units in sorted(plan.items()):
         total[layer, list(units)] = layer_sums(
-            base, sft, batch, utility, method, unit, layer, units, weights, max_variant_rows,
-            base_trace, sft_inputs,
+            base,
+            sft,
+            batch,
+            utility,
+            method,
+            unit,
+            layer,
+            units,
+            weights,
+            max_variant_rows,
+            base_trace,
+            sft_inputs,
         )
     return total
 
@@ -326,11 +373,23 @@ def layer_sums(
     elif method == "ap":
         if sft_inputs is None:
             sft_inputs = site_inputs(sft, batch, stop)
-        setter = ap_setter(base, sft_inputs[(layer, model_shape(base).writer(unit).part)], layer, unit, run)
+        setter = ap_setter(
+            base, sft_inputs[(layer, model_shape(base).writer(unit).part)], layer, unit, run
+        )
     else:
         raise ValueError(f"exact method must be 'wp' or 'ap'; got {method!r}")
     effects = layer_effects(
-        base, base_trace, run, batch, utility, layer, unit, units, setter, baseline, max_variant_rows,
+        base,
+        base_trace,
+        run,
+        batch,
+        utility,
+        layer,
+        unit,
+        units,
+        setter,
+        baseline,
+        max_variant_rows,
         on_units,
     )
     return effects @ weights.double()

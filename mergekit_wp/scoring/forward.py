@@ -36,8 +36,11 @@ class TokenBatch:
     def to(self, device: torch.device | str) -> TokenBatch:
         move = lambda t: None if t is None else t.to(device)
         return TokenBatch(
-            move(self.input_ids), move(self.attention_mask), move(self.position_ids),
-            move(self.response_mask), self.keys,
+            move(self.input_ids),
+            move(self.attention_mask),
+            move(self.position_ids),
+            move(self.response_mask),
+            self.keys,
         )
 
 
@@ -64,7 +67,10 @@ def decoder_layer(model: nn.Module, shape: ModelShape, layer: int) -> nn.Module:
 
 
 def layer_outputs(
-    model: nn.Module, shape: ModelShape, layers: list[int] | range, run: Callable[[], Any],
+    model: nn.Module,
+    shape: ModelShape,
+    layers: list[int] | range,
+    run: Callable[[], Any],
     stop_early: bool = True,
 ) -> dict[int, torch.Tensor]:
     """`{l: output of decoder layer l}` for `layers`, recorded while `run()` runs the model.
@@ -147,7 +153,9 @@ def trace(model: nn.Module, batch: TokenBatch, stop: int) -> Trace:
         inputs.append(args[0] if args else kw.pop("hidden_states"))
         kwargs.append(kw)
 
-    handles = [layers[l].register_forward_pre_hook(pre_hook, with_kwargs=True) for l in range(stop + 1)]
+    handles = [
+        layers[l].register_forward_pre_hook(pre_hook, with_kwargs=True) for l in range(stop + 1)
+    ]
     try:
         out = layer_outputs(model, shape, [stop], lambda: _call(model, batch))
     finally:
@@ -253,8 +261,8 @@ def recording_site_inputs(
     down_proj) of layers `0..stop`.
 
     Keys are `(layer, "o")` `[B, T, H*head_dim]` (per-head outputs) and `(layer, "down")`
-    `[B, T, I]` (neuron activations), by the writer's part. With `grad`, the embeddings require grad so these inputs
-    join the autograd graph even when no parameter does.
+    `[B, T, I]` (neuron activations), by the writer's part. With `grad`, the embeddings require
+    grad so these inputs join the autograd graph even when no parameter does.
     """
     shape = model_shape(model)
     handles = []
@@ -280,7 +288,9 @@ def recording_site_inputs(
 
 
 @torch.no_grad()
-def site_inputs(model: nn.Module, batch: TokenBatch, stop: int) -> dict[tuple[int, str], torch.Tensor]:
+def site_inputs(
+    model: nn.Module, batch: TokenBatch, stop: int
+) -> dict[tuple[int, str], torch.Tensor]:
     """Writer inputs of layers `0..stop` in one forward (see recording_site_inputs)."""
     found: dict[tuple[int, str], torch.Tensor] = {}
     with recording_site_inputs(model, stop, found):

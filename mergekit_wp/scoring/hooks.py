@@ -42,9 +42,15 @@ def capture_residuals(
     if not wanted:
         raise ValueError("capture_residuals needs at least one layer")
     return layer_outputs(
-        model, shape, wanted,
-        lambda: model(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=False),
+        model,
+        shape,
+        wanted,
+        lambda: model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ),
         stop_early,
     )
 
