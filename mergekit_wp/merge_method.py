@@ -75,7 +75,9 @@ def _read_cached(path: str, mtime_ns: int, size: int) -> ScoreMap:
         kind = "zero" if not (scores.heads.any() or scores.neurons.any()) else "at or below zero"
         log.warning(
             "score map %s: every score is %s, so wp gives this expert no component of its own "
-            "(it only shares the uniform average where no expert scores above zero)", path, kind
+            "(it only shares the uniform average where no expert scores above zero)",
+            path,
+            kind,
         )
     return scores
 
@@ -112,8 +114,12 @@ def check_same_architecture(base: Hashable, experts: Sequence[Hashable]) -> None
     """Raise ValueError unless every expert has the base's architecture and dimensions."""
     want = model_shape(base)
     for expert in experts:
-        want.check_compatible(model_shape(expert), f"the base {base}", f"wp: expert {expert}",
-                              "wp fuses experts fine-tuned from the same base model")
+        want.check_compatible(
+            model_shape(expert),
+            f"the base {base}",
+            f"wp: expert {expert}",
+            "wp fuses experts fine-tuned from the same base model",
+        )
 
 
 def check_same_vocabulary(base: Hashable, experts: Sequence[Hashable]) -> None:
@@ -151,7 +157,11 @@ def model_identity(reference: Hashable) -> tuple[str, str] | None:
     if path.is_dir():
         real = os.path.realpath(path)
         cached = [p for p in Path(real).parts if p.startswith("models--")]  # the Hub's cache
-        return ("hub", cached[-1][len("models--") :].replace("--", "/")) if cached else ("folder", real)
+        return (
+            ("hub", cached[-1][len("models--") :].replace("--", "/"))
+            if cached
+            else ("folder", real)
+        )
     return ("hub", text) if is_hub_id(text) else None
 
 
@@ -163,12 +173,18 @@ def check_score_models(path: str, base: Hashable, expert: Hashable) -> None:
     Hub's cache) cannot be compared: that is logged, not refused.
     """
     scores = load_score_map(path)
-    for role, recorded, given in (("base", scores.base_model, base), ("model", scores.model, expert)):
+    for role, recorded, given in (
+        ("base", scores.base_model, base),
+        ("model", scores.model, expert),
+    ):
         have, want = model_identity(recorded), model_identity(given)
         if have is None or want is None or have[0] != want[0]:
             log.warning(
-                "score map %s: cannot check that its %s %r is the recipe's %s", path, role,
-                recorded, given,
+                "score map %s: cannot check that its %s %r is the recipe's %s",
+                path,
+                role,
+                recorded,
+                given,
             )
         elif have != want:
             raise ScoreMapError(

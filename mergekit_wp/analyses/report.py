@@ -44,16 +44,24 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
         plt.close(fig)
 
 
-def matrix_panel(ax: plt.Axes, values: list[list[float]], rows: list[str], cols: list[str], title: str,
-                 fmt: str) -> None:
+def matrix_panel(
+    ax: plt.Axes, values: list[list[float]], rows: list[str], cols: list[str], title: str, fmt: str
+) -> None:
     """An annotated heatmap of `values[row][col]` (NaN cells say so) with a colour bar."""
     im = ax.imshow(values, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(cols)), cols, rotation=45, fontsize=7, ha="right")
     ax.set_yticks(range(len(rows)), rows, fontsize=7)
     for i, row in enumerate(values):
         for j, v in enumerate(row):
-            ax.text(j, i, "nan" if math.isnan(v) else format(v, fmt), ha="center", va="center", fontsize=6,
-                    color="black" if math.isnan(v) else "white")
+            ax.text(
+                j,
+                i,
+                "nan" if math.isnan(v) else format(v, fmt),
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="black" if math.isnan(v) else "white",
+            )
     ax.set_title(title, fontsize=9)
     plt.colorbar(im, ax=ax, fraction=0.046)
 
@@ -92,9 +100,15 @@ class Report:
         if not path.is_file():
             return None
         payload = json.loads(path.read_text())
-        result = AnalysisResult(name, payload["title"], payload["data"],
-                                [self.root / f for f in payload["figures"]], payload["summary"],
-                                payload["seconds"], path)
+        result = AnalysisResult(
+            name,
+            payload["title"],
+            payload["data"],
+            [self.root / f for f in payload["figures"]],
+            payload["summary"],
+            payload["seconds"],
+            path,
+        )
         self.results.append(result)
         return result
 
@@ -117,7 +131,9 @@ class Report:
         md = ["# mergekit-wp analyses", ""]
         md += [f"- {k}: {v}" for k, v in header.items()]
         body = ["<h1>mergekit-wp analyses</h1>", "<ul>"]
-        body += [f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in header.items()]
+        body += [
+            f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in header.items()
+        ]
         body.append("</ul>")
         for r in self.results:
             rel_json = r.json_path.relative_to(self.root) if r.json_path else None
@@ -133,6 +149,8 @@ class Report:
             ]
         page = "<!doctype html><meta charset='utf-8'><title>mergekit-wp analyses</title>\n"
         page += "\n".join(body) + "\n"
-        md_path = atomic_file(self.root / "report.md", lambda t: Path(t).write_text("\n".join(md) + "\n"))
+        md_path = atomic_file(
+            self.root / "report.md", lambda t: Path(t).write_text("\n".join(md) + "\n")
+        )
         html_path = atomic_file(self.root / "index.html", lambda t: Path(t).write_text(page))
         return md_path, html_path

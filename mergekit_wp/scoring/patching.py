@@ -1,4 +1,4 @@
-"""Set-wise patching (docs/method.md §3): Replace(M_base, M_sft | Θ(S)) in place, and its effect E_w(S).
+"""Set-wise patching (docs/method.md §3): Replace(M_base, M_sft | Θ(S)) in place, its effect E_w(S).
 
 `restore` / `ablate` patch the stored HF tensors through `components.ModelShape.slices` and
 undo on exit, so the analyses can run greedy generation or any utility on a patched model.
@@ -22,7 +22,7 @@ from mergekit_wp.scoring.utility import Utility, batch_context
 def _patched_slices(
     target: nn.Module, source: nn.Module, slices: Iterable[tuple[str, tuple[slice, ...]]]
 ) -> Iterator[nn.Module]:
-    """While active, each `(name, index)` slice of `target` holds `source`'s values; undone on exit."""
+    """While active, each `(name, index)` slice of `target` holds `source`'s; undone on exit."""
     target_params = dict(target.named_parameters())
     source_params = dict(source.named_parameters())
     saved: list[tuple[torch.Tensor, tuple[slice, ...], torch.Tensor]] = []
@@ -46,13 +46,16 @@ def _patched_slices(
 def patched(target: nn.Module, source: nn.Module, components: Iterable[Component]):
     """While active, `target` carries `source`'s slices Θ(S) of `components`; undone on exit."""
     shape = model_shape(target)
-    return _patched_slices(target, source, (item for c in components for item in shape.slices(c).items()))
+    return _patched_slices(
+        target, source, (item for c in components for item in shape.slices(c).items())
+    )
 
 
 def patched_tensors(target: nn.Module, source: nn.Module, groups: Iterable[TensorGroupName]):
     """While active, every `target` tensor of `groups` (`ModelShape.tensor_group`) is `source`'s.
 
-    Where a vocabulary differs (an added pad token), only the token rows both models have are copied.
+    Where a vocabulary differs (an added pad token), only the token rows both models have are
+    copied.
     """
     shape, groups = model_shape(target), set(groups)
     sizes = {name: p.shape for name, p in source.named_parameters()}

@@ -1,4 +1,4 @@
-"""Utilities F(M, x): per-example scalars that every scoring method explains (docs/method.md §2, §6).
+"""Utilities F(M, x): per-example scalars every scoring method explains (docs/method.md §2, §6).
 
 A utility is any callable `utility(model, batch) -> Tensor[B]` (differentiable under grad
 mode), so the analyses can plug in their own (e.g. the "need" utility of §7). The ones here
@@ -73,8 +73,9 @@ class KLUtility(ReadoutUtility):
 
     name = "kl"
 
-    def __init__(self, sft: nn.Module, vocab: int | None = None,
-                 chunk_positions: int = 256) -> None:
+    def __init__(
+        self, sft: nn.Module, vocab: int | None = None, chunk_positions: int = 256
+    ) -> None:
         if chunk_positions < 1:
             raise ValueError(f"KL utility: chunk_positions must be >= 1; got {chunk_positions}")
         self.sft = sft
@@ -95,12 +96,15 @@ class KLUtility(ReadoutUtility):
         """log p_sft at the batch's response positions `[N_r, vocab]`, computed once per batch."""
         if batch.response_mask is None:
             raise ValueError(
-                "the KL utility needs batches with a response_mask (prompt + response)")
+                "the KL utility needs batches with a response_mask (prompt + response)"
+            )
         if "kl_reference" not in batch.cache:
             hidden = forward_to(self.sft, batch, self.layer)
             selected = hidden[batch.response_mask.to(hidden.device)]
-            chunks = [self._log_probs(self.sft, selected[s:s + self.chunk_positions])
-                      for s in range(0, selected.shape[0], self.chunk_positions)]
+            chunks = [
+                self._log_probs(self.sft, selected[s : s + self.chunk_positions])
+                for s in range(0, selected.shape[0], self.chunk_positions)
+            ]
             batch.cache["kl_reference"] = torch.cat(chunks)
         return batch.cache["kl_reference"]
 
@@ -115,14 +119,16 @@ class KLUtility(ReadoutUtility):
         selected = hidden[mask]  # [times * N_r, d], variant-major like the mask
         kl = []
         for start in range(0, selected.shape[0], self.chunk_positions):
-            log_p = self._log_probs(model, selected[start:start + self.chunk_positions])
+            log_p = self._log_probs(model, selected[start : start + self.chunk_positions])
             # Row i of the variants reads reference row i mod N_r.
             index = torch.arange(start, start + log_p.shape[0]) % reference.shape[0]
             log_ref = reference[index.to(reference.device)].to(log_p.device)
             kl.append((log_ref.exp() * (log_ref - log_p)).sum(-1))
         kl = torch.cat(kl) if kl else selected.new_zeros(0)  # [times * N_r]
         rows = mask.nonzero()[:, 0]
-        total = torch.zeros(hidden.shape[0], dtype=kl.dtype, device=kl.device).index_add(0, rows, kl)
+        total = torch.zeros(hidden.shape[0], dtype=kl.dtype, device=kl.device).index_add(
+            0, rows, kl
+        )
         count = torch.zeros_like(total).index_add(0, rows, torch.ones_like(kl))
         return -total / count.clamp_min(1)
 
@@ -147,4 +153,6 @@ def gap_weights(f_base: torch.Tensor, f_sft: torch.Tensor, gap_floor: float) -> 
     """1/G(x) per example, G = F_sft - F_base; 0 (skipped) where |G(x)| < gap_floor."""
     gap = f_sft - f_base
     kept = gap.abs() >= gap_floor
-    return torch.where(kept, 1.0 / torch.where(kept, gap, torch.ones_like(gap)), torch.zeros_like(gap))
+    return torch.where(
+        kept, 1.0 / torch.where(kept, gap, torch.ones_like(gap)), torch.zeros_like(gap)
+    )
