@@ -389,20 +389,6 @@ class ModelShape:
             for name, role in self.unit_tensors(component.layer, component.kind, params)
         }
 
-    # --- logits ---------------------------------------------------------------------------
-    def transform_logits(self, logits: Any) -> Any:
-        """The family's transforms after the LM head (`logit_ops`), as its forward does them."""
-        import torch
-
-        for op, value in self.logit_ops:
-            if op == "multiply":
-                logits = logits * value
-            elif op == "divide":
-                logits = logits / value
-            else:  # softcap
-                logits = torch.tanh(logits / value) * value
-        return logits
-
     def unit_index(self, unit: Unit, units: Any) -> Any:
         """Indices along a role's unit axis owned by `units` (in order): `head_dim` per head."""
         import torch
@@ -417,6 +403,20 @@ class ModelShape:
         Heads and KV groups own `head_dim` consecutive rows; a neuron owns one.
         """
         return unit_scores.repeat_interleave(self.unit_width(role.unit), dim=-1)
+
+    # --- logits ---------------------------------------------------------------------------
+    def transform_logits(self, logits: Any) -> Any:
+        """The family's transforms after the LM head (`logit_ops`), as its forward does them."""
+        import torch
+
+        for op, value in self.logit_ops:
+            if op == "multiply":
+                logits = logits * value
+            elif op == "divide":
+                logits = logits / value
+            else:  # softcap
+                logits = torch.tanh(logits / value) * value
+        return logits
 
 
 def load_shape(model_path_or_config: Any) -> ModelShape:
