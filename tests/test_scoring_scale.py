@@ -89,6 +89,22 @@ def test_delta_reuse_gives_the_per_batch_scores_and_is_computed_once(monkeypatch
     assert len(deltas) == slots and len(calls) == slots  # three batches, Δθ once
 
 
+def test_bf16_keeps_delta_in_bf16_and_follows_the_fp64_scores():
+    import copy
+
+    base, sft = (m.to(torch.bfloat16) for m in model_pair("llama", dtype=torch.float32))
+    base64, sft64 = (copy.deepcopy(m).to(torch.float64) for m in (base, sft))  # the same weights
+    kl, kl64 = KLUtility(sft), KLUtility(sft64)
+    batch = _batch(0)
+    weights = batch_context(base64, sft64, batch, kl64, 1e-6)[2]
+    deltas: dict[str, torch.Tensor] = {}
+    low = gradient_pass(base, sft, batch, kl, weights, deltas=deltas)["wp_attr"]
+    exact = gradient_pass(base64, sft64, _batch(0), kl64, weights)["wp_attr"]
+    assert {d.dtype for d in deltas.values()} == {torch.bfloat16}  # half an fp32 copy's memory
+    for part, values in exact.items():
+        assert float((low[part] - values).norm() / values.norm()) < 0.05, part
+
+
 def _count_forwards(model) -> list[int]:
     seen: list[int] = []
     model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(1), with_kwargs=True)

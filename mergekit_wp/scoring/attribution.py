@@ -52,10 +52,12 @@ def _slots(model: nn.Module, shape: ModelShape, stop: int) -> list[_Slot]:
 
 
 def unit_sums(values: torch.Tensor, role: TensorRole, shape: ModelShape) -> torch.Tensor:
-    """Sum a tensor of a role's shape over each unit's slice: `[units]`."""
+    """Sum a tensor of a role's shape over each unit's slice: `[units]`, accumulated in the
+    compute dtype (fp32 for bf16 / fp16 values)."""
+    dtype = compute_dtype(values)
     if values.ndim == 2:
-        values = values.sum(dim=1 - role.axis)
-    return values.reshape(shape.unit_count(role.unit), -1).sum(-1)
+        values = values.sum(dim=1 - role.axis, dtype=dtype)
+    return values.reshape(shape.unit_count(role.unit), -1).sum(-1, dtype=dtype)
 
 
 def empty_parts(shape: ModelShape) -> dict[str, torch.Tensor]:
@@ -69,10 +71,14 @@ def empty_parts(shape: ModelShape) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def task_delta(base_param: torch.Tensor, sft_param: torch.Tensor) -> torch.Tensor:
-    """Δθ = θ_sft - θ_base on the base's device, in the compute dtype (fp32 for bf16 states:
-    the difference of two nearby bf16 values keeps only a few bits in bf16)."""
+    """Δθ = θ_sft - θ_base on the base's device, stored in the base's dtype.
+
+    The difference is taken in the compute dtype and rounded once: a bf16 Δθ keeps bf16's
+    relative precision of Δθ itself (the gradient it multiplies is bf16 too), at half the memory
+    of an fp32 copy that a run keeps for every scored tensor.
+    """
     dtype = compute_dtype(base_param)
-    return sft_param.to(base_param.device, dtype) - base_param.to(dtype)
+    return (sft_param.to(base_param.device, dtype) - base_param.to(dtype)).to(base_param.dtype)
 
 
 def gradient_pass(
@@ -117,7 +123,7 @@ def gradient_pass(
             if slot.name not in deltas:
                 deltas[slot.name] = task_delta(param, sft_params[slot.name])
             delta = deltas[slot.name]
-            sums = unit_sums(delta * grad.to(delta.dtype), slot.role, shape)
+            sums = unit_sums(delta * grad, slot.role, shape)  # products in the weights' dtype
             parts[slot.role.part][slot.layer] += sums.double().cpu()
 
         return hook
