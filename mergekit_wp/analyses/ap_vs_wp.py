@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from mergekit_wp.analyses.compare import mean_layer, run_comparison
+from mergekit_wp.analyses.compare import Comparison, mean_layer, run_comparison
 from mergekit_wp.analyses.report import AnalysisResult, Report
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
+class Options(Comparison):
+    """The top-k sizes of the comparison, on the main task by default."""
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
     """AP vs WP under the anchor utility, per task."""
     result = run_comparison(
         study, report, options, "ap_vs_wp", "AP vs WP (Fig. 6/7)",

@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.ranking import as_names, random_k, top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report
 from mergekit_wp.components import Component
@@ -86,12 +87,17 @@ def _plot(groups: dict[str, dict[str, list[float]]], task: str) -> plt.Figure:
     return fig
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
+class Options(AnalysisOptions):
+    top_heads: int = 10
+    tasks: Tasks = "all"
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
     """Top WP heads in the instruct model, the same heads in the base, random heads in the instruct."""
-    k = int(options.get("top_heads", 10))
+    k = options.top_heads
     data: dict = {}
     figures = []
-    for task in study.tasks_for(options):
+    for task in study.tasks_for({"tasks": options.tasks}):
         examples = study.eval_examples(task)
         mask = study.region_mask("head", "upstream")
         top = top_k(study.scores(task, "wp").heads, k, "head", mask)

@@ -11,15 +11,20 @@ import click
 
 @click.command("analyze")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--only", multiple=True, help="Run just this analysis (repeatable); it must be in the config.")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Report folder (overrides the config's `output`).")
+@click.option(
+    "--only", multiple=True, help="Run just this analysis (repeatable); it must be in the config."
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report folder (overrides the config's `output`).",
+)
 def analyze(config: Path, only: tuple[str, ...], output: Path | None) -> None:
     """Run the analyses of CONFIG (one YAML in scoring/) into a report folder."""
-    from dataclasses import replace
-
     from mergekit_wp.analyses.analyze import run_analyses
     from mergekit_wp.analyses.config import load_config
+    from mergekit_wp.config import replace
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

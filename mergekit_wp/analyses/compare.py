@@ -8,6 +8,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import torch
 
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.ranking import layer_counts, overlap, top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report
 from mergekit_wp.scoremap import ScoreMap
@@ -86,19 +87,27 @@ def plot_distributions(numbers: dict, labels: tuple[str, str], title: str) -> pl
     return fig
 
 
+class Comparison(AnalysisOptions):
+    """Options of the analyses that compare two score maps (ap_vs_wp, kl_vs_anchor)."""
+
+    top_heads: int = 20
+    top_neurons: int = 200
+    tasks: Tasks = "main"
+
+
 def run_comparison(
     study,
     report: Report,
-    options: dict,
+    options: Comparison,
     name: str,
     title: str,
     maps,  # task -> (ScoreMap a, ScoreMap b)
     labels: tuple[str, str],
 ) -> AnalysisResult:
-    top_heads, top_neurons = int(options.get("top_heads", 20)), int(options.get("top_neurons", 200))
+    top_heads, top_neurons = options.top_heads, options.top_neurons
     data: dict = {}
     figures = []
-    for task in study.tasks_for(options):
+    for task in study.tasks_for({"tasks": options.tasks}):
         a, b = maps(task)
         # Both rankings cover the components at or before l_a: the anchor utility is 0 after it, and
         # a signed top-k would otherwise prefer those zeros to negative upstream scores.

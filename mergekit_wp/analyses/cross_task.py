@@ -8,9 +8,11 @@ measure every task B, as accuracy and as correction rate (acc - base_B) / (instr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 
+from mergekit_wp.analyses.config import AnalysisOptions
 from mergekit_wp.analyses.knockout import select
 from mergekit_wp.analyses.ranking import top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report, matrix_panel
@@ -32,10 +34,18 @@ def _diagonal_means(rate: list[list[float]]) -> tuple[float, float]:
     return mean(own), mean(other)
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
+class Options(AnalysisOptions):
+    top_heads: int = 20
+    top_neurons: int = 200
+    methods: Sequence[str] = ("wp", "ap")
+    restore_neurons: int = 2000
+    restore_method: str = "wp"
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
     tasks = study.tasks
-    k_heads, k_neurons = int(options["top_heads"]), int(options["top_neurons"])
-    methods = list(options["methods"])
+    k_heads, k_neurons = options.top_heads, options.top_neurons
+    methods = list(options.methods)
     counts: dict = {}
     for method in methods:
         counts[method] = {}
@@ -43,10 +53,10 @@ def run(study, report: Report, options: dict) -> AnalysisResult:
             sel = {t: top_k(study.scores(t, method).heads if kind == "head" else study.scores(t, method).neurons,
                             k, kind, study.region_mask(kind, "upstream", t)) for t in tasks}
             counts[method][kind] = intersection_counts(sel)
-    n = int(options["restore_neurons"])
+    n = options.restore_neurons
     transfer, rate = [], []
     for source in tasks:
-        chosen = select(study, source, "neuron", "upstream", options.get("restore_method", "wp"), n)
+        chosen = select(study, source, "neuron", "upstream", options.restore_method, n)
         row = [study.restore_accuracy(target, chosen) for target in tasks]
         transfer.append(row)
         rate.append([

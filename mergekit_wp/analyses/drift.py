@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import matplotlib.pyplot as plt
 import torch
 
+from mergekit_wp.analyses.config import AnalysisOptions
 from mergekit_wp.analyses.report import AnalysisResult, Report
 from mergekit_wp.components import ModelShape
 
@@ -61,7 +62,11 @@ def plot_drift(drift: dict[str, list[float]]) -> plt.Figure:
     return fig
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
+class Options(AnalysisOptions):
+    """Drift takes no options: it compares every weight of the pair."""
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
     """Drift between the study's base and instruct models."""
     drift = parameter_drift(study.base.state_dict(), study.instruct.state_dict(), study.shape)
     means = module_means(drift)

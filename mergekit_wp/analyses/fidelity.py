@@ -12,6 +12,7 @@ import psutil
 import torch
 
 from mergekit_wp.analyses import scoring_api as api
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.ranking import overlap, top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report
 
@@ -67,10 +68,16 @@ def _plot(data: dict) -> plt.Figure:
     return fig
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
-    k_heads, k_neurons = int(options["top_heads"]), int(options["top_neurons"])
+class Options(AnalysisOptions):
+    top_heads: int = 20
+    top_neurons: int = 1000
+    tasks: Tasks = "main"
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
+    k_heads, k_neurons = options.top_heads, options.top_neurons
     data: dict = {}
-    for task in study.tasks_for({"tasks": options.get("tasks", "main")}):
+    for task in study.tasks_for({"tasks": options.tasks}):
         study.anchor(task)
         study.batches(task, "anchor")  # tokenization is not part of either scorer's cost
         row: dict = {}

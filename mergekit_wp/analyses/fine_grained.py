@@ -7,9 +7,12 @@ score and compare with the full-unit ranking (top-k overlap and accuracy when re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 import torch
 
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.knockout import behaviour, neuron_counts, select
 from mergekit_wp.analyses.ranking import overlap, top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report
@@ -90,11 +93,18 @@ def plot(collapse_rows: dict, parts_rows: dict) -> plt.Figure:
     return fig
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
-    method = options.get("method", "wp_attr")
-    tasks = study.tasks_for(options)
-    collapse_rows = {t: collapse(study, t, options["collapse_fractions"], "wp") for t in tasks}
-    counts = neuron_counts(study, options["part_fractions"])
+class Options(AnalysisOptions):
+    collapse_fractions: Sequence[float] = (0.001, 0.005, 0.01, 0.02, 0.05)
+    part_fractions: Sequence[float] = (0.01, 0.05)
+    method: str = "wp_attr"
+    tasks: Tasks = "all"
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
+    method = options.method
+    tasks = study.tasks_for({"tasks": options.tasks})
+    collapse_rows = {t: collapse(study, t, options.collapse_fractions, "wp") for t in tasks}
+    counts = neuron_counts(study, options.part_fractions)
     parts_rows = {t: parts_numbers(study, t, counts, method) for t in tasks}
     fig = report.figure("fine_grained", plot(collapse_rows, parts_rows), "fine_grained")
     last = len(counts) - 1

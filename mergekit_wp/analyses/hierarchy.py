@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib.pyplot as plt
 
-from mergekit_wp.analyses.ranking import top_k
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
+from mergekit_wp.analyses.ranking import Kind, top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report, write_json
 from mergekit_wp.components import Component
 
@@ -111,33 +114,46 @@ def plot_circuit(circuit: dict, anchor_layer: int, layers: int, max_edges: int) 
     return fig
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
+class Options(AnalysisOptions):
+    targets: int = 20
+    suppliers: int = 200
+    supplier_kinds: Sequence[Kind] = ("neuron",)
+    tau_w: float = 0.0
+    tau_link: float = 0.0
+    execution_heads: int = 5
+    execution_neurons: int = 20
+    draw_edges: int = 60
+    tasks: Tasks = "main"
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
     data: dict = {}
     figures = []
-    for task in study.tasks_for({"tasks": options.get("tasks", "main")}):
+    for task in study.tasks_for({"tasks": options.tasks}):
         up = study.region_mask("head", "upstream", task)
         ap = study.scores(task, "ap").heads
-        targets = top_k(ap, int(options["targets"]), "head", up)
+        targets = top_k(ap, options.targets, "head", up)
         down = study.downstream_scores(task)
         execution = (
-            top_k(down.heads, int(options["execution_heads"]), "head", study.region_mask("head", "downstream", task))
-            + top_k(down.neurons, int(options["execution_neurons"]), "neuron",
+            top_k(down.heads, options.execution_heads, "head",
+                  study.region_mask("head", "downstream", task))
+            + top_k(down.neurons, options.execution_neurons, "neuron",
                     study.region_mask("neuron", "downstream", task))
         )
         circuit = recover_circuit(
             targets, study.links(task, targets), lambda cs, t=task: study.exact_wp(t, cs), execution,
-            int(options["suppliers"]), tuple(options["supplier_kinds"]), float(options["tau_w"]),
-            float(options["tau_link"]), {t: float(ap[t.layer, t.index]) for t in targets},
+            options.suppliers, tuple(options.supplier_kinds), options.tau_w, options.tau_link,
+            {t: float(ap[t.layer, t.index]) for t in targets},
             {c: float((down.heads if c.kind == "head" else down.neurons)[c.layer, c.index]) for c in execution},
         )
         circuit.update(task=task, anchor_layer=study.anchor_layer(task),
-                       thresholds={"tau_w": options["tau_w"], "tau_link": options["tau_link"]})
+                       thresholds={"tau_w": options.tau_w, "tau_link": options.tau_link})
         write_json(report.folder("hierarchy") / f"circuit_{task}.json", circuit)
         data[task] = {k: circuit[k] for k in ("candidates", "validated_sources", "anchor_layer")}
         data[task]["source_layers"] = sorted({n["layer"] for n in circuit["nodes"] if "source" in n["roles"]})
         data[task]["aggregation_layers"] = sorted({t.layer for t in targets})
         fig = plot_circuit(circuit, study.anchor_layer(task), study.shape.num_hidden_layers,
-                           int(options["draw_edges"]))
+                           options.draw_edges)
         figures.append(report.figure("hierarchy", fig, f"circuit_{task}"))
     summary = "; ".join(
         f"{t}: {d['validated_sources']}/{d['candidates']} supplier candidates validated as sources "

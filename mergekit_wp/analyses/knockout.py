@@ -11,17 +11,32 @@ components carry at all.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
 
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.ranking import Kind, Region, as_names, random_k, top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report, matrix_panel
 from mergekit_wp.components import Component, TensorGroupName
 
 Mode = Literal["knockout", "restore"]
 METHODS = ("ap", "wp", "random", "union")
+Method = Literal["ap", "wp", "random", "union"]
+
+
+class Options(AnalysisOptions):
+    heads: Sequence[int] = (1, 2, 5, 10, 20)  # k of the head curves
+    neuron_fractions: Sequence[float] = (0.01, 0.02, 0.05)  # of all neurons, for the neuron curves
+    methods: Sequence[Method] = METHODS
+    regions: Sequence[Region] = ("upstream", "downstream")
+    modes: Sequence[Mode] = ("knockout", "restore")
+    top_fraction: float = 0.05
+    union: bool = True  # the top-fraction bars include AP ∪ WP
+    ladder: bool = True
+    tasks: Tasks = "main"
 # Whole sets, growing to the whole model: how much of the behaviour the components can carry at
 # all, and how much lives in tensors no component owns (K/V, norms, embeddings and lm_head).
 LADDER: tuple[tuple[str, tuple[Kind, ...], tuple[TensorGroupName, ...]], ...] = (
@@ -60,13 +75,13 @@ def neuron_counts(study, fractions: list[float]) -> list[int]:
     return sorted({max(1, round(f * total)) for f in fractions})
 
 
-def curves(study, task: str, options: dict) -> dict:
+def curves(study, task: str, options: Options) -> dict:
     """`{region: {kind: {mode: {method: [acc per k]}}}}` plus the k values used."""
-    ks = {"head": sorted(int(k) for k in options["heads"]), "neuron": neuron_counts(study, options["neuron_fractions"])}
-    methods = [m for m in METHODS if m in options["methods"]]
+    ks = {"head": sorted(options.heads), "neuron": neuron_counts(study, options.neuron_fractions)}
+    methods = [m for m in METHODS if m in options.methods]
     out: dict = {"k": ks}
-    jobs = [(r, kind, mode, m) for r in options["regions"] for kind in ("head", "neuron")
-            for mode in options["modes"] for m in methods]
+    jobs = [(r, kind, mode, m) for r in options.regions for kind in ("head", "neuron")
+            for mode in options.modes for m in methods]
     for region, kind, mode, method in tqdm(jobs, desc=f"knockout/restore {task}", leave=False):
         accs = [behaviour(study, task, mode, select(study, task, kind, region, method, k)) for k in ks[kind]]
         out.setdefault(region, {}).setdefault(kind, {}).setdefault(mode, {})[method] = accs
@@ -142,26 +157,26 @@ def plot_top_fraction(rows: dict, fraction: float) -> plt.Figure:
     return fig
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
+def run(study, report: Report, options: Options) -> AnalysisResult:
     """Curves on the chosen tasks and the top-fraction restore bars on every task."""
     data: dict = {"curves": {}, "top_fraction": {}}
     figures = []
-    for task in study.tasks_for(options):
+    for task in study.tasks_for({"tasks": options.tasks}):
         numbers = curves(study, task, options)
         base, inst = study.base_accuracy(task), study.instruct_accuracy(task)
         numbers.update(base=base, instruct=inst)
         data["curves"][task] = numbers
         figures.append(report.figure("knockout", plot_curves(numbers, base, inst, task), f"curves_{task}"))
-    fraction = float(options["top_fraction"])
+    fraction = options.top_fraction
     for task in study.tasks:
         row = {"base": study.base_accuracy(task), "instruct": study.instruct_accuracy(task)}
-        for method in ("ap", "wp", "union") if options.get("union", True) else ("ap", "wp"):
+        for method in ("ap", "wp", "union") if options.union else ("ap", "wp"):
             chosen = top_fraction_sets(study, task, method, fraction)
             row[f"restore {method}"] = study.restore_accuracy(task, chosen)
             data.setdefault("top_fraction_sets", {}).setdefault(task, {})[method] = as_names(chosen)
         data["top_fraction"][task] = row
     figures.append(report.figure("knockout", plot_top_fraction(data["top_fraction"], fraction), "top_fraction"))
-    if options["ladder"]:
+    if options.ladder:
         data["ladder"] = {task: ladder(study, task) for task in tqdm(study.tasks, desc="whole sets", leave=False)}
         figures.append(report.figure("knockout", plot_ladder(data["ladder"]), "ladder"))
     data["summary_numbers"] = _summary_numbers(data)

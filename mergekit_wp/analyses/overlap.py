@@ -10,10 +10,12 @@ and absolute rankings. "chance" is the rate a random supplier set of the same po
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import torch
 
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.ranking import overlap, top_k
 from mergekit_wp.analyses.report import AnalysisResult, Report
 from mergekit_wp.components import Component
@@ -108,15 +110,23 @@ def _describe(avg: dict) -> str:
     )
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
-    n_targets, suppliers = int(options["targets"]), int(options["suppliers"])
-    ks = [int(k) for k in options["k"]]
-    tasks = study.tasks_for(options)
+class Options(AnalysisOptions):
+    targets: int = 20
+    suppliers: int = 200
+    k: Sequence[int] = (1000,)
+    tasks: Tasks = "all"
+    null_control: bool = False
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
+    n_targets, suppliers = options.targets, options.suppliers
+    ks = list(options.k)
+    tasks = study.tasks_for({"tasks": options.tasks})
     table = {task: overlap_table(study, task, n_targets, suppliers, ks) for task in tasks}
     # The same procedure on a pair whose weight change is noise of the same per-tensor norm: what
     # the overlap is when WP and the tracing share only the network and the utility.
     null = None
-    if options["null_control"]:
+    if options.null_control:
         control = study.null_control()
         null = {task: overlap_table(control, task, n_targets, suppliers, ks) for task in tasks}
     k = ks[0]

@@ -6,6 +6,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch import nn
 
+from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.report import AnalysisResult, Report
 from mergekit_wp.components import Component, ModelShape
 
@@ -53,11 +54,18 @@ def _table_figure(rows: list[tuple[str, list[str]]], title: str) -> plt.Figure:
     return fig
 
 
-def run(study, report: Report, options: dict) -> AnalysisResult:
+class Options(AnalysisOptions):
+    top_tokens: int = 10
+    neurons: int = 5
+    layers: list[int] | None = None  # None: every layer
+    tasks: Tasks = "all"
+
+
+def run(study, report: Report, options: Options) -> AnalysisResult:
     """Per task: each chosen layer's task vector and the top downstream neurons' write-backs."""
-    k = int(options.get("top_tokens", 10))
-    n_neurons = int(options.get("neurons", 5))
-    layers = options.get("layers") or list(range(study.shape.num_hidden_layers))
+    k = options.top_tokens
+    n_neurons = options.neurons
+    layers = options.layers or list(range(study.shape.num_hidden_layers))
     data: dict = {}
     figures = []
     for task in study.tasks:

@@ -8,23 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import Field, field_validator
 
-_SUITE_KEYS = {
-    "name",
-    "description",
-    "tasks",
-    "include_path",
-    "include_defaults",
-    "chat_template",
-    "code_execution",
-    "model_args",
-    "gen_kwargs",
-    "batch_size",
-    "bootstrap_iters",
-    "limit",
-}
-_TASK_KEYS = {"task", "column", "metric", "chat_template"}
+from mergekit_wp.config import StrictModel, read_yaml, validate
 
 
 def evals_dir() -> Path:
@@ -100,65 +86,75 @@ def resolve_suite_path(name_or_path: str | Path) -> Path:
     )
 
 
+class _TaskEntry(StrictModel):
+    """One entry of a suite file's `tasks:`."""
+
+    task: str
+    column: str
+    metric: str
+    chat_template: bool | None = None  # None: the suite's
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, metric: str) -> str:
+        if "," not in metric:
+            raise ValueError(
+                f"{metric!r} must be 'metric,filter' as in lm-eval's results JSON "
+                f"(e.g. 'exact_match,strict-match')"
+            )
+        return metric
+
+
+class _SuiteFile(StrictModel):
+    """A suite YAML as written (evals/*.yml); `load_suite` resolves it into a `Suite`."""
+
+    name: str | None = None  # default: the file's stem
+    description: str = ""
+    tasks: list[_TaskEntry] = Field(min_length=1)
+    include_path: str | list[str] = Field(default_factory=list)  # relative to the suite file
+    include_defaults: bool = True
+    chat_template: bool = False
+    code_execution: bool = False
+    model_args: dict[str, Any] = Field(default_factory=dict)
+    gen_kwargs: dict[str, Any] | None = None
+    batch_size: int | str = 1
+    bootstrap_iters: int = 0
+    limit: int | float | None = None
+
+
 def load_suite(name_or_path: str | Path) -> Suite:
     """Read and validate a suite YAML (structure only; `check_tasks` asks lm-eval for the names)."""
     path = resolve_suite_path(name_or_path)
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"suite {path}: expected a mapping at top level")  # noqa: TRY004
-    unknown = sorted(set(raw) - _SUITE_KEYS)
-    if unknown:
-        raise ValueError(
-            f"suite {path}: unknown key {unknown[0]!r}; allowed: {sorted(_SUITE_KEYS)}"
+    raw = validate(_SuiteFile, read_yaml(path, "suite"), f"suite {path}")
+    tasks = tuple(
+        SuiteTask(
+            task=t.task,
+            column=t.column,
+            metric=t.metric,
+            chat_template=raw.chat_template if t.chat_template is None else t.chat_template,
         )
-    entries = raw.get("tasks")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"suite {path}: 'tasks' must be a non-empty list")
-    default_chat = bool(raw.get("chat_template", False))
-    tasks = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not {"task", "column", "metric"} <= set(entry):
-            raise ValueError(
-                f"suite {path}: tasks[{i}] must be a mapping with task, column and metric "
-                f"(metric is lm-eval's results key, e.g. 'acc,none'); got {entry!r}"
-            )
-        extra = sorted(set(entry) - _TASK_KEYS)
-        if extra:
-            raise ValueError(f"suite {path}: tasks[{i}] has unknown key {extra[0]!r}")
-        if "," not in str(entry["metric"]):
-            raise ValueError(
-                f"suite {path}: tasks[{i}] metric {entry['metric']!r} must be 'metric,filter' "
-                f"as in lm-eval's results JSON (e.g. 'exact_match,strict-match')"
-            )
-        tasks.append(
-            SuiteTask(
-                task=str(entry["task"]),
-                column=str(entry["column"]),
-                metric=str(entry["metric"]),
-                chat_template=bool(entry.get("chat_template", default_chat)),
-            )
-        )
+        for t in raw.tasks
+    )
     columns = [t.column for t in tasks]
     if len(set(columns)) != len(columns):
         raise ValueError(f"suite {path}: column names must be unique, got {columns}")
-    includes = raw.get("include_path") or []
-    includes = [includes] if isinstance(includes, str) else includes
+    includes = [raw.include_path] if isinstance(raw.include_path, str) else raw.include_path
     include_paths = tuple((path.parent / p).resolve() for p in includes)
     for folder in include_paths:
         if not folder.is_dir():
             raise ValueError(f"suite {path}: include_path {folder} is not a folder")
     return Suite(
-        name=str(raw.get("name", path.stem)),
+        name=raw.name or path.stem,
         path=path,
-        tasks=tuple(tasks),
+        tasks=tasks,
         include_paths=include_paths,
-        include_defaults=bool(raw.get("include_defaults", True)),
-        code_execution=bool(raw.get("code_execution", False)),
-        model_args=dict(raw.get("model_args") or {}),
-        gen_kwargs=raw.get("gen_kwargs"),
-        batch_size=raw.get("batch_size", 1),
-        bootstrap_iters=int(raw.get("bootstrap_iters", 0)),
-        limit=raw.get("limit"),
+        include_defaults=raw.include_defaults,
+        code_execution=raw.code_execution,
+        model_args=raw.model_args,
+        gen_kwargs=raw.gen_kwargs,
+        batch_size=raw.batch_size,
+        bootstrap_iters=raw.bootstrap_iters,
+        limit=raw.limit,
     )
 
 

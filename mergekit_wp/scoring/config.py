@@ -5,17 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
+
+from mergekit_wp.config import StrictModel, read_yaml, validate
 
 MethodName = Literal["wp_attr", "wp", "ap", "ap_attr"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """Which examples: paired IFEval prompts (anchor / projection) or a domain's prompts (KL)."""
 
     source: str  # JSONL path, zoo:FILE, or a hub dataset id
@@ -25,12 +22,16 @@ class DataConfig(_Strict):
     seed: int = 0
     extraction_fraction: float = 0.5
     max_examples: int | None = Field(default=None, gt=0)
-    responses: Literal["generate", "reference"] = "generate"  # KL: sft's greedy responses or the file's
+    responses: Literal["generate", "reference"] = (
+        "generate"  # KL: sft's greedy responses or the file's
+    )
     max_new_tokens: int = Field(default=128, gt=0)
-    chat: bool = True  # render prompts with the chat template (False: raw prompt, e.g. code completion)
+    chat: bool = (
+        True  # render prompts with the chat template (False: raw prompt, e.g. code completion)
+    )
 
 
-class UtilityConfig(_Strict):
+class UtilityConfig(StrictModel):
     """F(M, x): anchor cosine at l_a, final-layer projection, or downstream KL (docs/method.md §2, §6)."""
 
     kind: Literal["anchor", "projection", "kl"] = "anchor"
@@ -53,12 +54,14 @@ class UtilityConfig(_Strict):
         if self.kind in ("anchor", "projection") and not self.anchor:
             raise ValueError(f"utility kind {self.kind!r} needs `anchor: PATH` (an anchor file)")
         if self.downstream and self.kind != "anchor":
-            raise ValueError(f"utility.downstream completes an anchor utility's map; kind {self.kind!r} "
-                             "already scores every layer")
+            raise ValueError(
+                f"utility.downstream completes an anchor utility's map; kind {self.kind!r} "
+                "already scores every layer"
+            )
         return self
 
 
-class GranularityConfig(_Strict):
+class GranularityConfig(StrictModel):
     """Which components: heads, neurons; how many neurons exact sweeps (WP, AP) visit."""
 
     heads: bool = True
@@ -67,14 +70,14 @@ class GranularityConfig(_Strict):
     exact_neurons: Literal["all", "none"] | int = "none"
 
 
-class ScoringConfig(_Strict):
+class ScoringConfig(StrictModel):
     """One expert scored against one base."""
 
     base: str  # HF folder, hub id, or zoo:NAME
     model: str  # the specialized model
     data: DataConfig
     utility: UtilityConfig = UtilityConfig(kind="kl")
-    methods: list[MethodName] = ["wp_attr"]
+    methods: list[MethodName] = Field(default_factory=lambda: ["wp_attr"])
     granularity: GranularityConfig = GranularityConfig()
     output: str
     device: str = "auto"  # auto, cpu, cuda, cuda:N
@@ -104,46 +107,35 @@ class ScoringConfig(_Strict):
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods lists a method twice: {self.methods}")
         if self.utility.fit and self.data.kind != "paired":
-            raise ValueError("utility.fit needs paired data (data.kind: paired) to extract task vectors")
-        if self.utility.kind == "kl" and self.data.kind == "paired" and self.data.responses == "reference":
+            raise ValueError(
+                "utility.fit needs paired data (data.kind: paired) to extract task vectors"
+            )
+        if (
+            self.utility.kind == "kl"
+            and self.data.kind == "paired"
+            and self.data.responses == "reference"
+        ):
             raise ValueError("paired data has no reference responses; use data.responses: generate")
         if not (self.granularity.heads or self.granularity.neurons):
             raise ValueError("granularity: score heads, neurons, or both")
         if isinstance(self.granularity.exact_neurons, int) and "wp_attr" not in self.methods:
-            raise ValueError("granularity.exact_neurons: K picks the top-K by WP-attr; add wp_attr to methods")
+            raise ValueError(
+                "granularity.exact_neurons: K picks the top-K by WP-attr; add wp_attr to methods"
+            )
         return self
 
     def output_dir(self) -> Path:
         return Path(self.output)
 
 
-def _location(error: dict) -> str:
-    return ".".join(str(part) for part in error["loc"]) or "(top level)"
-
-
 def parse_config(data: object, source: str = "scoring config") -> ScoringConfig:
     """Validate a mapping; ValueError naming the source, the key and what was expected."""
-    if not isinstance(data, dict):
-        raise ValueError(  # noqa: TRY004 - bad user input, reported like every other config error
-            f"{source}: expected a mapping of keys (base, model, data, ...), got {type(data).__name__}"
-        )
-    try:
-        return ScoringConfig.model_validate(data)
-    except ValidationError as err:
-        lines = [f"{source}: key {_location(e)!r}: {e['msg']}" for e in err.errors()]
-        raise ValueError("\n".join(lines)) from None
+    return validate(ScoringConfig, data, source)
 
 
 def load_config(path: str | Path) -> ScoringConfig:
     """Read and validate a scoring YAML file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"scoring config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
-    return parse_config(data, str(path))
+    return parse_config(read_yaml(path, "scoring config"), str(path))
 
 
 def with_output(data: dict, output: str) -> dict:
@@ -157,4 +149,3 @@ def with_output(data: dict, output: str) -> dict:
             moved = Path(output) / Path(anchor).absolute().relative_to(old)
             data = data | {"utility": utility | {"anchor": str(moved)}}
     return data | {"output": output}
-
