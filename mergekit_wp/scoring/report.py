@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from mergekit_wp.components import Component
 from mergekit_wp.io import atomic_write_text
 from mergekit_wp.scoremap import ScoreMap, read_score_map, write_score_map
 from mergekit_wp.scoring.config import ScoringConfig
@@ -30,12 +31,12 @@ class ScoreRun:
 def top_components(scores: ScoreMap, k: int) -> dict[str, list[dict[str, Any]]]:
     """The k highest-scoring heads and neurons (by signed score), as `H(l,h)` / `N(l,j)`."""
     out = {}
-    for kind, values, letter in (("heads", scores.heads, "H"), ("neurons", scores.neurons, "N")):
+    for kind, values in (("heads", scores.heads), ("neurons", scores.neurons)):
         flat = values.flatten()
         top = torch.topk(flat, min(k, flat.numel()))
         width = values.shape[1]
         out[kind] = [
-            {"component": f"{letter}({i // width},{i % width})", "score": float(v)}
+            {"component": str(Component(kind[:-1], i // width, i % width)), "score": float(v)}
             for v, i in zip(top.values.tolist(), top.indices.tolist())
         ]
     return out
