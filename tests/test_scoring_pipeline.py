@@ -285,3 +285,19 @@ def test_response_mask_marks_the_logits_that_predict_the_response():
         assert predicted == tok(example.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert not batch.response_mask[row, -1]  # the last logit predicts nothing in the data
         assert batch.attention_mask[row][batch.response_mask[row]].all()
+
+
+def test_gemma2_scores_with_its_tables_attention_by_default(tmp_path):
+    """Gemma 2 refuses sdpa in transformers 5; its table's `eager` is what a config without
+    `attn_implementation` gets (it used to need `attn_implementation: eager` in the config)."""
+    folder = tmp_path / "gemma2"
+    save_pair(folder, *model_pair("gemma2", dtype=torch.float32))
+    write_domain(folder / "math.jsonl")
+    config = _config(folder, tmp_path / "out", data={"source": str(folder / "math.jsonl"),
+                     "kind": "domain", "responses": "reference"}, utility={"kind": "kl"},
+                     methods=["wp_attr"], batch_size=2)
+    assert "attn_implementation" not in config
+    run = score(parse_config(config))
+    assert read_score_map(run.maps["wp_attr"]).heads.abs().max() > 0
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        score(parse_config(config | {"attn_implementation": "sdpa", "output": str(tmp_path / "o2")}))

@@ -8,7 +8,6 @@ second run with the same inputs reuses them.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -20,7 +19,8 @@ from torch import nn
 from mergekit_wp.analyses import scoring_api as api
 from mergekit_wp.analyses.config import AnalysisConfig
 from mergekit_wp.analyses.ranking import Kind, Region, layer_mask
-from mergekit_wp.components import Component, TensorGroupName
+from mergekit_wp.components import Component, TensorGroupName, load_shape
+from mergekit_wp.config import replace
 from mergekit_wp.generation import shared_tokenizer
 from mergekit_wp.io import load_model, reference_fingerprint, resolve_model
 from mergekit_wp.scoremap import ScoreMap, read_score_map, write_score_map
@@ -71,7 +71,8 @@ class Study:
         from transformers import AutoTokenizer
 
         self.config = config
-        load = lambda name: load_model(name, config.dtype, config.device)
+        load = lambda name: load_model(name, config.dtype, config.device,  # the family's attention
+                                       load_shape(resolve_model(name)).family.attn_implementation)
         self.pair = ModelPair.of(
             base if base is not None else load(config.base),
             instruct if instruct is not None else load(config.instruct),
@@ -244,9 +245,9 @@ class Study:
                 self.anchor(task)
                 files[task] = self.config.anchor.files.get(task, str(self.cache / f"anchor-{task}.safetensors"))
             name = f"null control (seed {self.seed}) of {reference_fingerprint(resolve_model(self.config.instruct))}"
-            config = dataclasses.replace(
-                self.config, instruct=name, anchor=dataclasses.replace(self.config.anchor, files=files),
-                scores=dataclasses.replace(self.config.scores, files={}),  # given maps are the real pair's
+            config = replace(
+                self.config, instruct=name, anchor=replace(self.config.anchor, files=files),
+                scores=replace(self.config.scores, files={}),  # given maps are the real pair's
             )
             self._null = Study(config, self.base, null_instruct(self.base, self.instruct, self.seed), self.tokenizer)
         return self._null

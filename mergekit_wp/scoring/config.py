@@ -1,4 +1,4 @@
-"""Scoring configuration (YAML, pydantic-validated): models, data, utility, methods, output, device."""
+"""Scoring configuration (YAML, pydantic-validated): models, data, utility, methods, output."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from mergekit_wp.config import StrictModel, read_yaml, validate
+from mergekit_wp.config import StrictModel, load_yaml, validate
 
 MethodName = Literal["wp_attr", "wp", "ap", "ap_attr"]
 
@@ -32,7 +32,8 @@ class DataConfig(StrictModel):
 
 
 class UtilityConfig(StrictModel):
-    """F(M, x): anchor cosine at l_a, final-layer projection, or downstream KL (docs/method.md §2, §6)."""
+    """F(M, x): anchor cosine at l_a, final-layer projection, or downstream KL (docs/method.md §2,
+    §6)."""
 
     kind: Literal["anchor", "projection", "kl"] = "anchor"
     anchor: str | None = None  # anchor file (mergekit_wp.scoring.anchor.save_anchor)
@@ -44,9 +45,9 @@ class UtilityConfig(StrictModel):
     sweep_examples: int | None = Field(default=None, gt=0)
     sweep_max_new_tokens: int = Field(default=64, gt=0)
     sweep_mode: Literal["anchor", "all"] = "anchor"  # steer the anchor position, or every position
-    # Components after l_a cannot move F_a and score 0 under it (docs/method.md §3); `kl` scores them
-    # with the downstream KL utility on the same prompts (§6) and writes one map for every layer,
-    # which is what a `wp` merge needs: else peers take every layer after the anchor.
+    # Components after l_a cannot move F_a and score 0 under it (docs/method.md §3); `kl` scores
+    # them with the downstream KL utility on the same prompts (§6) and writes one map for every
+    # layer, which is what a `wp` merge needs: else peers take every layer after the anchor.
     downstream: Literal["kl"] | None = None
 
     @model_validator(mode="after")
@@ -85,7 +86,8 @@ class ScoringConfig(StrictModel):
     # run logs which and why. fp32 gives exact scores; bf16 halves memory and (natively) time.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"
     device_map: str | None = None  # e.g. "auto": spread a model over several GPUs (accelerate)
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    # None: the family's default from its architecture table (sdpa; eager for Gemma 2).
+    attn_implementation: Literal["sdpa", "eager"] | None = None
     batch_size: int = Field(default=8, gt=0)
     # Exact WP / AP run patched variants of a layer stacked along the batch: at most this many
     # rows (variants x examples of a batch) per run. Memory grows with it (activations of every
@@ -135,7 +137,7 @@ def parse_config(data: object, source: str = "scoring config") -> ScoringConfig:
 
 def load_config(path: str | Path) -> ScoringConfig:
     """Read and validate a scoring YAML file."""
-    return parse_config(read_yaml(path, "scoring config"), str(path))
+    return load_yaml(path, ScoringConfig, "scoring config")
 
 
 def with_output(data: dict, output: str) -> dict:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mergekit_wp.components import ModelShape
+from mergekit_wp.components import ModelShape, load_shape
 from mergekit_wp.generation import shared_tokenizer
 from mergekit_wp.io import (
     check_model,
@@ -213,8 +213,9 @@ def _score_one(config: ScoringConfig, on_step: Callable[[str], None] | None, res
     device = resolve_device(config.device, group)
     # Resolved (and logged) once; both models load in it.
     config = config.model_copy(update={"dtype": resolve_dtype(config.dtype, device)})
-    load = partial(load_model, dtype=config.dtype, device=device,
-                   attn_implementation=config.attn_implementation, device_map=config.device_map)
+    attention = config.attn_implementation or load_shape(resolve_model(config.base)).family.attn_implementation
+    load = partial(load_model, dtype=config.dtype, device=device, attn_implementation=attention,
+                   device_map=config.device_map)
     pair = ModelPair.of(load(config.base), load(config.model), config.base, config.model,
                         "Weight Patching needs same-architecture models")
     from transformers import AutoTokenizer
