@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from mergekit_wp.config import StrictModel, read_yaml, validate
+from mergekit_wp.config import StrictModel, load_yaml, validate
 from mergekit_wp.scoring.data import IFEVAL_TASKS
 
 Tasks = Literal["all", "main"]  # an analysis runs on every task of the config, or on main_task
@@ -128,4 +128,4 @@ def parse_config(raw: object, source: str = "config") -> AnalysisConfig:
 
 def load_config(path: str | os.PathLike) -> AnalysisConfig:
     """Read and validate an analysis YAML."""
-    return parse_config(read_yaml(path, "analysis config"), str(path))
+    return load_yaml(path, AnalysisConfig, "analysis config")

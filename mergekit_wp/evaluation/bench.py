@@ -20,13 +20,15 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BeforeValidator, Field
 from tqdm.auto import tqdm
 
+from mergekit_wp.config import StrictModel, read_yaml, validate
 from mergekit_wp.evaluation.harness import torch_threads
 from mergekit_wp.evaluation.recipes import (
     contract_problem,
@@ -38,19 +40,17 @@ from mergekit_wp.evaluation.recipes import (
 from mergekit_wp.evaluation.suites import Suite, check_tasks, load_suite, task_manager
 from mergekit_wp.evaluation.table import Row, Table, write_table
 from mergekit_wp.evaluation.validation import (
+    Limit,
     Validation,
     apply_setting,
     average,
     check_limit,
-    load_validation,
     setting_label,
     setting_slug,
 )
 from mergekit_wp.io import atomic_write_text, publish_dir, reference_fingerprint, resolve_model
 
 COMBINATIONS = ("code+instruction", "code+math", "instruction+math", "code+instruction+math")
-_DEMO_KEYS = {"methods", "limit", "out"}
-_EVAL_KEYS = {"batch_size", "backend", "data_dir", "model_args", "gen_kwargs"}
 # Our methods' sources: a change invalidates their cached merges even when recipe and inputs match.
 _OWN_SOURCES = {
     "wp": ("merge_method.py", "components.py", "scoremap.py"),
@@ -61,7 +61,8 @@ LOG = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """A validated bench YAML; relative paths are resolved against `root`."""
+    """A bench resolved for a run: `_BenchFile` checked, overrides applied, paths made absolute
+    against `root` (a record, copied with `dataclasses.replace` by the demo)."""
 
     name: str
     path: Path
@@ -91,32 +92,57 @@ class BenchSpec:
     validation_from: Path | None = None
 
 
-_BENCH_KEYS = {f.name for f in fields(BenchSpec)} - {"path", "validation_from"}
+def _split(value: Any) -> Any:
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
-def _names(value: Any, what: str, source: Path) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [v.strip() for v in value.split(",") if v.strip()]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise ValueError(f"bench {source}: {what} must be a non-empty list")
-    return tuple(str(v) for v in value)
+# A non-empty list of names; a string is read as comma-separated names (the CLI's --methods).
+Names = Annotated[tuple[str, ...], BeforeValidator(_split), Field(min_length=1)]
 
 
-def _demo(raw: Any, methods: tuple[str, ...], source: Path) -> dict[str, Any]:
-    """The `demo:` subset: methods of the bench, a limit, an output folder."""
-    demo = dict(raw or {})
-    extra = sorted(set(demo) - _DEMO_KEYS)
-    if extra:
-        raise ValueError(
-            f"bench {source}: demo has unknown key {extra[0]!r}; allowed: {sorted(_DEMO_KEYS)}"
-        )
-    if "methods" in demo:
-        demo["methods"] = _names(demo["methods"], "demo.methods", source)
-        stray = [m for m in demo["methods"] if m not in methods]
-        if stray:
-            raise ValueError(f"bench {source}: demo method {stray[0]!r} is not in methods")
-    demo["limit"] = check_limit(demo.get("limit"), f"bench {source}: demo.limit")
-    return demo
+class _EvalOptions(StrictModel):
+    """The bench's `eval:`: how lm-eval runs the models (unset keys keep the harness defaults)."""
+
+    batch_size: int | str | None = None
+    backend: str = "hf"
+    data_dir: str | None = None  # relative to the bench's root
+    model_args: dict[str, Any] | str | None = None
+    gen_kwargs: dict[str, Any] | str | None = None
+
+
+class _Demo(StrictModel):
+    """The `demo:` subset `make demo` runs: methods of the bench, a limit, an output folder."""
+
+    methods: Names | None = None
+    limit: Limit = None
+    out: str | None = None
+
+
+class _BenchFile(StrictModel):
+    """A bench YAML as written (evals/bench-*.yml); `load_bench` resolves it into a `BenchSpec`."""
+
+    name: str | None = None  # default: the file's stem
+    root: str = "."  # relative to the bench file
+    recipes: str
+    base: str
+    experts: dict[str, str] = Field(min_length=1)  # name (code, math, ...) -> model
+    scoring: list[str] = Field(default_factory=list)
+    combinations: Names = COMBINATIONS
+    methods: Names
+    optional_methods: list[str] = Field(default_factory=list)
+    baseline: str = "linear"
+    references: list[str] = Field(default_factory=list)
+    suite: str
+    limit: Limit = None
+    seed: int = 0
+    out: Path | None = None
+    offline: bool = False
+    merge_options: dict[str, Any] = Field(default_factory=dict)
+    eval: _EvalOptions = _EvalOptions()
+    threads: int | None = None
+    validation: Validation | None = None
+    ours: list[str] = Field(default_factory=lambda: ["wp_attr", "wp"])
+    demo: _Demo = _Demo()
 
 
 def load_bench(path: str | Path, **overrides: Any) -> BenchSpec:
@@ -124,70 +150,53 @@ def load_bench(path: str | Path, **overrides: Any) -> BenchSpec:
     path = Path(path).resolve()
     if not path.is_file():
         raise ValueError(f"bench file {path} not found")
-    raw = yaml.safe_load(path.read_text())
-    if not isinstance(raw, dict):
-        # Bad file content is a ValueError, like every other input error (hence the TRY004 noqa).
-        raise ValueError(f"bench {path}: expected a mapping at top level")  # noqa: TRY004
-    unknown = sorted(set(raw) - _BENCH_KEYS)
-    if unknown:
-        raise ValueError(
-            f"bench {path}: unknown key {unknown[0]!r}; allowed: {sorted(_BENCH_KEYS)}"
-        )
-    for key in ("recipes", "base", "experts", "methods", "suite"):
-        if key not in raw:
-            raise ValueError(f"bench {path}: missing required key {key!r}")
-    demo = _demo(raw.get("demo"), _names(raw["methods"], "methods", path), path)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    root = (path.parent / raw.get("root", ".")).resolve()
-    experts = raw["experts"]
-    if not isinstance(experts, dict) or not experts:
-        raise ValueError(f"bench {path}: experts must map names (code, math, ...) to models")
-    combinations = _names(raw.get("combinations", COMBINATIONS), "combinations", path)
-    for combination in combinations:
-        missing = [p for p in combination.split("+") if p not in experts]
+    source = f"bench {path}"
+    raw = read_yaml(path, "bench file")
+    written = validate(_BenchFile, raw, source)
+    demo = written.demo  # a subset of the file's methods, whatever the overrides say
+    stray = [m for m in demo.methods or () if m not in written.methods]
+    if stray:
+        raise ValueError(f"{source}: demo method {stray[0]!r} is not in methods")
+    file = validate(_BenchFile, raw | {k: v for k, v in overrides.items() if v is not None}, source)
+    root = (path.parent / file.root).resolve()
+    for combination in file.combinations:
+        missing = [p for p in combination.split("+") if p not in file.experts]
         if missing:
             raise ValueError(
-                f"bench {path}: combination {combination!r} names {missing[0]!r}, which is not "
-                f"an expert (experts: {', '.join(experts)})"
+                f"{source}: combination {combination!r} names {missing[0]!r}, which is not "
+                f"an expert (experts: {', '.join(file.experts)})"
             )
-    methods = _names(raw["methods"], "methods", path)
-    references = tuple(raw.get("references") or ())
-    for name in references:
-        if name != "base" and name not in experts:
-            raise ValueError(f"bench {path}: reference {name!r} is neither 'base' nor an expert")
-    eval_options = dict(raw.get("eval") or {})
-    extra = sorted(set(eval_options) - _EVAL_KEYS)
-    if extra:
-        raise ValueError(
-            f"bench {path}: eval has unknown key {extra[0]!r}; allowed: {sorted(_EVAL_KEYS)}"
-        )
+    for name in file.references:
+        if name != "base" and name not in file.experts:
+            raise ValueError(f"{source}: reference {name!r} is neither 'base' nor an expert")
+    eval_options = file.eval.model_dump(exclude_unset=True)  # cache keys hash what the file says
     if eval_options.get("data_dir"):
         eval_options["data_dir"] = str(root / eval_options["data_dir"])
-    out = Path(raw.get("out", f"out/bench/{raw.get('name', path.stem)}"))
+    out = file.out or Path(f"out/bench/{file.name or path.stem}")
     return BenchSpec(
-        name=str(raw.get("name", path.stem)),
+        name=file.name or path.stem,
         path=path,
         root=root,
-        recipes=root / raw["recipes"],
-        base=str(raw["base"]),
-        experts={str(k): str(v) for k, v in experts.items()},
-        scoring=tuple(root / p for p in raw.get("scoring") or ()),
-        combinations=combinations,
-        methods=methods,
-        optional_methods=tuple(raw.get("optional_methods") or ()),
-        baseline=str(raw.get("baseline", "linear")),
-        references=references,
-        suite=str(raw["suite"]),
-        limit=check_limit(raw.get("limit"), f"bench {path}: limit"),
-        seed=int(raw.get("seed", 0)),
+        recipes=root / file.recipes,
+        base=file.base,
+        experts=file.experts,
+        scoring=tuple(root / p for p in file.scoring),
+        combinations=file.combinations,
+        methods=file.methods,
+        optional_methods=tuple(file.optional_methods),
+        baseline=file.baseline,
+        references=tuple(file.references),
+        suite=file.suite,
+        limit=file.limit,
+        seed=file.seed,
         out=out if out.is_absolute() else root / out,
-        offline=bool(raw.get("offline", False)),
-        merge_options=dict(raw.get("merge_options") or {}),
+        offline=file.offline,
+        merge_options=file.merge_options,
         eval=eval_options,
-        threads=raw.get("threads"),
-        validation=load_validation(raw.get("validation"), path),
-        ours=tuple(raw.get("ours") or ("wp_attr", "wp")),
-        demo=demo,
+        threads=file.threads,
+        validation=file.validation,
+        ours=tuple(file.ours),
+        demo={"limit": demo.limit, **demo.model_dump(exclude_none=True)},
     )
 
 
@@ -685,10 +694,7 @@ def _score_merge_evaluate(spec: BenchSpec, stages: Stages) -> Table:
         choose_settings(spec, runs, keys)
     with stages.stage("merge", f"({len(runs)} recipes)"):
         folders = run_merges(spec, runs, keys)
-    models = {
-        name: (Path(ref), reference_fingerprint(ref))
-        for name, ref in references.items()
-    }
+    models = {name: (Path(ref), reference_fingerprint(ref)) for name, ref in references.items()}
     models.update({run.label: (folders[run.label], run.chosen.key) for run in runs})
     with stages.stage("eval", f"({len(models)} models, suite {suite.name}, limit {spec.limit})"):
         scores = run_evals(_Evaluator(spec, suite, spec.limit), models)

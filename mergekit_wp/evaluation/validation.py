@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-_KEYS = {"suite", "limit", "grid"}
+from pydantic import BeforeValidator, Field, field_validator
+
+from mergekit_wp.config import StrictModel
 
 
-def check_limit(value: Any, what: str) -> int | float | None:
+def check_limit(value: Any, what: str | None = None) -> int | float | None:
     """lm-eval's --limit: a whole number of examples >= 1 or a fraction in (0, 1); None = all."""
     if value is None:
         return None
@@ -27,54 +27,41 @@ def check_limit(value: Any, what: str) -> int | float | None:
         number = float("nan")
     if isinstance(value, bool) or not (0 < number < 1 or (number >= 1 and number.is_integer())):
         raise ValueError(
-            f"{what}: {value!r} is neither a count of examples per task (a whole number >= 1) "
-            f"nor a fraction of each task (between 0 and 1)"
+            f"{what + ': ' if what else ''}{value!r} is neither a count of examples per task "
+            f"(a whole number >= 1) nor a fraction of each task (between 0 and 1)"
         )
     return int(number) if number >= 1 else number
 
 
-@dataclass(frozen=True)
-class Validation:
-    """Where and on what the bench chooses each method's setting."""
+# A limit in a bench YAML; errors name the key (mergekit_wp.config.validate).
+Limit = Annotated[int | float | None, BeforeValidator(lambda value: check_limit(value))]
+
+
+class Validation(StrictModel):
+    """The bench's `validation:`: where and on what the bench chooses each method's setting."""
 
     suite: str
-    limit: int | float | None
-    grid: dict[str, dict[str, tuple[Any, ...]]] = field(default_factory=dict)
+    limit: Limit = None
+    # Method -> knob -> values, in order.
+    grid: dict[str, dict[str, tuple[Any, ...]]] = Field(default_factory=dict)
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid(cls, grid: Any) -> Any:
+        for method, knobs in (grid or {}).items():
+            if not isinstance(knobs, dict) or not knobs:
+                raise ValueError(f"{method} must map knobs to lists of values")
+            for knob, values in knobs.items():
+                if not isinstance(values, list) or not values or len(set(values)) != len(values):
+                    raise ValueError(
+                        f"{method}.{knob} must be a list of distinct values, got {values!r}"
+                    )
+        return grid or {}
 
     def settings(self, method: str) -> list[dict[str, Any]]:
         """Every combination of the method's knob values, in declared order; [{}]: no grid."""
         knobs = self.grid.get(method, {})
         return [dict(zip(knobs, values)) for values in itertools.product(*knobs.values())]
-
-
-def load_validation(raw: Any, source: Path) -> Validation | None:
-    """The bench's `validation:` mapping, checked; None when the bench has none."""
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or "suite" not in raw:
-        raise ValueError(f"bench {source}: validation must be a mapping with a suite")
-    unknown = sorted(set(raw) - _KEYS)
-    if unknown:
-        raise ValueError(
-            f"bench {source}: validation has unknown key {unknown[0]!r}; allowed: {sorted(_KEYS)}"
-        )
-    grid = raw.get("grid") or {}
-    checked: dict[str, dict[str, tuple[Any, ...]]] = {}
-    for method, knobs in grid.items():
-        if not isinstance(knobs, dict) or not knobs:
-            raise ValueError(
-                f"bench {source}: validation.grid.{method} must map knobs to lists of values"
-            )
-        checked[str(method)] = {}
-        for knob, values in knobs.items():
-            if not isinstance(values, list) or not values or len(set(values)) != len(values):
-                raise ValueError(
-                    f"bench {source}: validation.grid.{method}.{knob} must be a list of distinct "
-                    f"values, got {values!r}"
-                )
-            checked[str(method)][str(knob)] = tuple(values)
-    limit = check_limit(raw.get("limit"), f"bench {source}: validation.limit")
-    return Validation(suite=str(raw["suite"]), limit=limit, grid=checked)
 
 
 def setting_label(setting: dict[str, Any]) -> str:
