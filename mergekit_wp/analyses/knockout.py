@@ -12,7 +12,7 @@ components carry at all.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import matplotlib.pyplot as plt
 from tqdm.auto import tqdm
@@ -23,8 +23,8 @@ from mergekit_wp.analyses.report import AnalysisResult, Report, matrix_panel
 from mergekit_wp.components import Component, TensorGroupName
 
 Mode = Literal["knockout", "restore"]
-METHODS = ("ap", "wp", "random", "union")
 Method = Literal["ap", "wp", "random", "union"]
+METHODS: tuple[Method, ...] = get_args(Method)
 
 
 class Options(AnalysisOptions):
@@ -37,6 +37,8 @@ class Options(AnalysisOptions):
     union: bool = True  # the top-fraction bars include AP ∪ WP
     ladder: bool = True
     tasks: Tasks = "main"
+
+
 # Whole sets, growing to the whole model: how much of the behaviour the components can carry at
 # all, and how much lives in tensors no component owns (K/V, norms, embeddings and lm_head).
 LADDER: tuple[tuple[str, tuple[Kind, ...], tuple[TensorGroupName, ...]], ...] = (
