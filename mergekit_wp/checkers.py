@@ -20,6 +20,11 @@ def import_ifeval_offline() -> None:
     instructions never tokenize with punkt; a checker that does raises nltk's LookupError,
     which says how to install it.
     """
+    import langdetect
+
+    # english_capital's language check samples at random; seeded, it is a function of the text,
+    # so lm-eval's run and `ifeval_follows` give one verdict (unseeded they disagreed at times).
+    langdetect.DetectorFactory.seed = 0
     if _IFEVAL_UTIL in sys.modules:
         return
     import nltk
@@ -40,12 +45,8 @@ def ifeval_follows(
     response: str, instruction_id_list: list[str], kwargs: list[dict[str, Any]], prompt: str
 ) -> bool:
     """Prompt-level strict accuracy of one response, by lm-eval's own IFEval checkers."""
-    import langdetect
-
-    import_ifeval_offline()
+    import_ifeval_offline()  # also seeds their language check
     from lm_eval.tasks.ifeval.utils import InputExample, test_instruction_following_strict
-
-    langdetect.DetectorFactory.seed = 0  # english_capital's language check samples; seeded, it is a function
 
     example = InputExample(
         key=0, instruction_id_list=list(instruction_id_list), prompt=prompt, kwargs=list(kwargs)
