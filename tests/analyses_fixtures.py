@@ -102,6 +102,7 @@ def make_study(tmp_path: Path, analyses: dict | None = None, **overrides) -> Stu
         "max_new_tokens": 6,
         "batch_size": 4,
         "anchor": {"layer": 1},
+        "gap_floor": 1e-6,  # tiny random models: some gaps are under the default 1e-4
         "analyses": analyses or {"drift": {}},
     }
     return Study(parse_config(raw, "test config"), base=base, instruct=instruct, tokenizer=tok)
