@@ -97,7 +97,7 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
     k = options.top_heads
     data: dict = {}
     figures = []
-    for task in study.tasks_for({"tasks": options.tasks}):
+    for task in study.tasks_for(options.tasks):
         examples = study.eval_examples(task)
         mask = study.region_mask("head", "upstream")
         top = top_k(study.scores(task, "wp").heads, k, "head", mask)

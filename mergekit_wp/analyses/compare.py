@@ -107,7 +107,7 @@ def run_comparison(
     top_heads, top_neurons = options.top_heads, options.top_neurons
     data: dict = {}
     figures = []
-    for task in study.tasks_for({"tasks": options.tasks}):
+    for task in study.tasks_for(options.tasks):
         a, b = maps(task)
         # Both rankings cover the components at or before l_a: the anchor utility is 0 after it, and
         # a signed top-k would otherwise prefer those zeros to negative upstream scores.

@@ -77,7 +77,7 @@ class Options(AnalysisOptions):
 def run(study, report: Report, options: Options) -> AnalysisResult:
     k_heads, k_neurons = options.top_heads, options.top_neurons
     data: dict = {}
-    for task in study.tasks_for({"tasks": options.tasks}):
+    for task in study.tasks_for(options.tasks):
         study.anchor(task)
         study.batches(task, "anchor")  # tokenization is not part of either scorer's cost
         row: dict = {}

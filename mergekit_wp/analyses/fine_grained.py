@@ -102,7 +102,7 @@ class Options(AnalysisOptions):
 
 def run(study, report: Report, options: Options) -> AnalysisResult:
     method = options.method
-    tasks = study.tasks_for({"tasks": options.tasks})
+    tasks = study.tasks_for(options.tasks)
     collapse_rows = {t: collapse(study, t, options.collapse_fractions, "wp") for t in tasks}
     counts = neuron_counts(study, options.part_fractions)
     parts_rows = {t: parts_numbers(study, t, counts, method) for t in tasks}

@@ -129,7 +129,7 @@ class Options(AnalysisOptions):
 def run(study, report: Report, options: Options) -> AnalysisResult:
     data: dict = {}
     figures = []
-    for task in study.tasks_for({"tasks": options.tasks}):
+    for task in study.tasks_for(options.tasks):
         up = study.region_mask("head", "upstream", task)
         ap = study.scores(task, "ap").heads
         targets = top_k(ap, options.targets, "head", up)

@@ -163,7 +163,7 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
     """Curves on the chosen tasks and the top-fraction restore bars on every task."""
     data: dict = {"curves": {}, "top_fraction": {}}
     figures = []
-    for task in study.tasks_for({"tasks": options.tasks}):
+    for task in study.tasks_for(options.tasks):
         numbers = curves(study, task, options)
         base, inst = study.base_accuracy(task), study.instruct_accuracy(task)
         numbers.update(base=base, instruct=inst)

@@ -35,8 +35,8 @@ def read_roles(shape: ModelShape, target: Component) -> list[tuple[TensorRole, i
     if target.kind == "head":
         group = shape.group_of_head(target.index)
         return [(r, target.index if r.unit == "head" else group)
-                for r in shape.roles() if r.axis == 0 and r.unit in ("head", "kv_group")]
-    return [(r, target.index) for r in shape.roles("neuron") if r.axis == 0]
+                for r in shape.roles() if not r.writes_residual and r.unit in ("head", "kv_group")]
+    return [(r, target.index) for r in shape.roles("neuron") if not r.writes_residual]
 
 
 def _add_read(delta: torch.Tensor, weight: torch.Tensor, rows: slice) -> Any:

@@ -121,7 +121,7 @@ class Options(AnalysisOptions):
 def run(study, report: Report, options: Options) -> AnalysisResult:
     n_targets, suppliers = options.targets, options.suppliers
     ks = list(options.k)
-    tasks = study.tasks_for({"tasks": options.tasks})
+    tasks = study.tasks_for(options.tasks)
     table = {task: overlap_table(study, task, n_targets, suppliers, ks) for task in tasks}
     # The same procedure on a pair whose weight change is noise of the same per-tensor norm: what
     # the overlap is when WP and the tracing share only the network and the utility.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from mergekit_wp.analyses import scoring_api as api
-from mergekit_wp.analyses.config import AnalysisConfig
+from mergekit_wp.analyses.config import AnalysisConfig, Tasks
 from mergekit_wp.analyses.ranking import Kind, Region, layer_mask
 from mergekit_wp.components import Component, TensorGroupName, load_shape
 from mergekit_wp.config import replace
@@ -105,9 +105,9 @@ class Study:
     def neurons_shape(self) -> tuple[int, int]:
         return self.shape.num_hidden_layers, self.shape.intermediate_size
 
-    def tasks_for(self, options: dict) -> list[str]:
-        """The tasks an analysis runs on: `tasks: main` (the main task) or `all` (default)."""
-        return [self.config.main_task] if options.get("tasks", "all") == "main" else self.tasks
+    def tasks_for(self, tasks: Tasks) -> list[str]:
+        """The tasks an analysis runs on: `tasks: main` (the main task) or `all`."""
+        return [self.config.main_task] if tasks == "main" else self.tasks
 
     def _split(self) -> None:
         rows = load_paired(self.config.scoring_data, self.tasks)

@@ -9,6 +9,7 @@ from torch import nn
 from mergekit_wp.analyses.config import AnalysisOptions, Tasks
 from mergekit_wp.analyses.report import AnalysisResult, Report
 from mergekit_wp.components import Component, ModelShape
+from mergekit_wp.scoring.forward import model_shape
 
 
 @torch.no_grad()
@@ -18,7 +19,7 @@ def project_to_vocab(model: nn.Module, vectors: torch.Tensor) -> torch.Tensor:
     The direction goes through the model's own final norm and output embedding (Gemma's
     soft-capping is monotone, so it cannot change a top-k and is left out).
     """
-    norm = model.get_decoder().norm
+    norm = model.get_submodule(model_shape(model).family.final_norm)
     head = model.get_output_embeddings()
     x = vectors.to(head.weight.dtype).to(head.weight.device)
     return head(norm(x)).float().cpu()

@@ -53,8 +53,8 @@ from mergekit_wp.io import atomic_write_text, publish_dir, reference_fingerprint
 COMBINATIONS = ("code+instruction", "code+math", "instruction+math", "code+instruction+math")
 # Our methods' sources: a change invalidates their cached merges even when recipe and inputs match.
 _OWN_SOURCES = {
-    "wp": ("merge_method.py", "components.py", "scoremap.py"),
-    "widen": ("widen.py", "components.py"),
+    "wp": ("merge_method.py", "components.py", "_data/architectures", "scoremap.py"),
+    "widen": ("widen.py", "components.py", "_data/architectures"),
 }
 LOG = logging.getLogger(__name__)
 
@@ -488,8 +488,9 @@ def merge_one(config: dict[str, Any], out_dir: Path, seed: int, options: dict[st
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    import mergekit_wp  # noqa: F401  registers `wp` and `widen`
+    from mergekit_wp import register
 
+    register()  # `wp` and `widen`
     tmp = out_dir.parent / f".{out_dir.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
