@@ -25,8 +25,15 @@ from pathlib import Path
 TIME_TARGET, MEMORY_TARGET = 1.15, 1.10
 
 
-SHAPE = {"vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
-         "num_attention_heads": 12, "num_key_value_heads": 4, "tie_word_embeddings": False}
+SHAPE = {
+    "vocab_size": 32000,
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "tie_word_embeddings": False,
+}
 
 
 def build_inputs(root: Path, seed: int = 0, shape: dict | None = None) -> dict[str, dict]:

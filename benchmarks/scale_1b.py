@@ -46,15 +46,33 @@ from merge_speed import build_inputs, report, run_child
 from scoring_speed import _print, _rss, _timed, overlap, plain_step, random_batches, wp_attr
 
 SHAPES = {
-    "llama-3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-                     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-                     "tie_word_embeddings": True},
-    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-              "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 32000,
-              "tie_word_embeddings": True},
-    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000,
-             "tie_word_embeddings": True},
+    "llama-3.2-1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+        "tie_word_embeddings": True,
+    },
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -121,8 +139,9 @@ def load(root: Path, name: str, dtype: torch.dtype, device: str):
     return model.to(device).eval().requires_grad_(False)
 
 
-def attribution_figures(root: Path, dtype: torch.dtype, device: str,
-                        args) -> tuple[dict, torch.Tensor]:
+def attribution_figures(
+    root: Path, dtype: torch.dtype, device: str, args
+) -> tuple[dict, torch.Tensor]:
     """WP-attr / plain fwd+bwd and WP-attr's peak / one model's weights, in `dtype`; the heads.
 
     Two WP-attr times: a run's first pass, which also computes Δθ (once per run), and a pass with
@@ -131,8 +150,10 @@ def attribution_figures(root: Path, dtype: torch.dtype, device: str,
     rss_before = _rss()
     base, sft = load(root, "base", dtype, device), load(root, "expert-a", dtype, device)
     shape = ModelShape.from_config(base.config)
-    batches = with_responses(random_batches(shape.vocab_size, args.examples, args.batch_size,
-                                            args.length, device), args.response)
+    batches = with_responses(
+        random_batches(shape.vocab_size, args.examples, args.batch_size, args.length, device),
+        args.response,
+    )
     utility = KLUtility(sft)
     memory = PeakMemory(device)
     deltas: dict[str, torch.Tensor] = {}
@@ -144,11 +165,14 @@ def attribution_figures(root: Path, dtype: torch.dtype, device: str,
     plain_step(base, batches[:1])  # warm-up
     plain, _ = _timed(device, lambda: plain_step(base, batches))
     name = str(dtype).removeprefix("torch.")
-    return {f"{name}_wp_attr_first_pass_s": first, f"{name}_wp_attr_s": attr,
-            f"{name}_plain_fwd_bwd_s": plain,
-            f"{name}_wp_attr_first_pass_over_plain": first / plain,
-            f"{name}_wp_attr_over_plain": attr / plain,
-            f"{name}_wp_attr_peak_over_weights": peak / weight_bytes(base)}, heads
+    return {
+        f"{name}_wp_attr_first_pass_s": first,
+        f"{name}_wp_attr_s": attr,
+        f"{name}_plain_fwd_bwd_s": plain,
+        f"{name}_wp_attr_first_pass_over_plain": first / plain,
+        f"{name}_wp_attr_over_plain": attr / plain,
+        f"{name}_wp_attr_peak_over_weights": peak / weight_bytes(base),
+    }, heads
 
 
 def exact_figures(root: Path, dtype: torch.dtype, device: str, args) -> dict[str, float]:
@@ -162,19 +186,28 @@ def exact_figures(root: Path, dtype: torch.dtype, device: str, args) -> dict[str
     memory = PeakMemory(device)
     figures: dict[str, float] = {}
     for response in (32, 96):
-        batch = with_responses(random_batches(shape.vocab_size, args.batch_size, args.batch_size,
-                                              args.prompt + response, device), response)[0]
+        batch = with_responses(
+            random_batches(
+                shape.vocab_size, args.batch_size, args.batch_size, args.prompt + response, device
+            ),
+            response,
+        )[0]
         with memory.measure():
             _, _, weights = batch_context(base, sft, batch, utility, 1e-6)
-            seconds, batched = _timed(device, partial(batched_heads, base, sft, batch, utility,
-                                                      layers, heads, weights, args.rows))
+            seconds, batched = _timed(
+                device,
+                partial(
+                    batched_heads, base, sft, batch, utility, layers, heads, weights, args.rows
+                ),
+            )
         peak = memory.peak - (0 if device.startswith("cuda") else rss_before)
         figures[f"exact_heads_{response}_tokens_peak_gib"] = peak / 2**30
         figures[f"exact_heads_{response}_tokens_peak_over_weights"] = peak / weight_bytes(base)
         if response == 32:
             figures["exact_head_batched_s_per_head"] = seconds / (len(layers) * len(heads))
-            naive_seconds, naive = _timed(device, partial(naive_heads, base, sft, batch, utility,
-                                                          layers, heads, weights))
+            naive_seconds, naive = _timed(
+                device, partial(naive_heads, base, sft, batch, utility, layers, heads, weights)
+            )
             figures["exact_head_naive_copy_forward_s_per_head"] = naive_seconds / naive.numel()
             figures["exact_heads_speedup_vs_naive"] = naive_seconds / seconds
             figures["exact_heads_max_abs_diff_vs_naive"] = float((batched - naive).abs().max())
@@ -184,8 +217,14 @@ def exact_figures(root: Path, dtype: torch.dtype, device: str, args) -> dict[str
 def batched_heads(base, sft, batch, utility, layers, heads, weights, rows) -> torch.Tensor:
     """Exact WP as the pipeline runs it: one base trace, then each layer's heads batched."""
     base_trace = trace(base, batch, utility.layer)
-    return torch.stack([layer_sums(base, sft, batch, utility, "wp", "head", layer, heads, weights,
-                                   rows, base_trace) for layer in layers])
+    return torch.stack(
+        [
+            layer_sums(
+                base, sft, batch, utility, "wp", "head", layer, heads, weights, rows, base_trace
+            )
+            for layer in layers
+        ]
+    )
 
 
 @torch.no_grad()
@@ -230,8 +269,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     root = cached_inputs(args.shape)
-    figures: dict[str, object] = {"shape": args.shape, "device": args.device,
-                                  "examples": args.examples, "length": args.length}
+    figures: dict[str, object] = {
+        "shape": args.shape,
+        "device": args.device,
+        "examples": args.examples,
+        "length": args.length,
+    }
     if "attr" not in args.skip:
         heads = {}
         for dtype in (torch.float32, torch.bfloat16):
@@ -240,7 +283,8 @@ def main() -> None:
         # What `dtype: auto` trades on a bf16 CPU: the top-20 heads of the bf16 map vs fp32.
         top = min(20, heads[torch.float32].numel())
         figures["wp_attr_top20_heads_overlap_bf16_vs_fp32"] = overlap(
-            heads[torch.bfloat16].abs(), heads[torch.float32].abs(), top)
+            heads[torch.bfloat16].abs(), heads[torch.float32].abs(), top
+        )
     if "exact" not in args.skip:
         figures |= exact_figures(root, torch.bfloat16, args.device, args)
     figures["scoring_wall_s"] = time.perf_counter() - started

@@ -34,13 +34,31 @@ from mergekit_wp.scoring.patching import restore
 from mergekit_wp.scoring.utility import AnchorUtility, batch_context, gap_weights
 
 SHAPES = {
-    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8,
-              "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 2048},
-    "medium": {"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 8,
-               "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 2048},
-    "llama-3.2-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
-                     "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 128256,
-                     "tie_word_embeddings": True},
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "vocab_size": 2048,
+    },
+    "medium": {
+        "hidden_size": 1024,
+        "intermediate_size": 2752,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "vocab_size": 2048,
+    },
+    "llama-3.2-3b": {
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
 }
 
 
@@ -71,7 +89,9 @@ def random_pair(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
     return base, sft
 
 
-def random_batches(vocab: int, examples: int, batch_size: int, length: int, device: str) -> list[TokenBatch]:
+def random_batches(
+    vocab: int, examples: int, batch_size: int, length: int, device: str
+) -> list[TokenBatch]:
     generator = torch.Generator().manual_seed(1)
     batches = []
     for start in range(0, examples, batch_size):
@@ -89,8 +109,12 @@ def plain_step(model, batches: list[TokenBatch]) -> None:
     """One ordinary LM forward+backward over the batches (all parameters take gradients)."""
     model.requires_grad_(True)
     for batch in batches:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, labels=batch.input_ids)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            labels=batch.input_ids,
+        )
         out.loss.backward()
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
@@ -132,9 +156,15 @@ def exact_heads_copy_full(base, sft, batches, utility, shape) -> float:
         for head in heads:
             model = copy.deepcopy(base)
             with restore(model, sft, [Component("head", 0, head)]):
-                captured = capture_residuals(model, shape, batch.input_ids, batch.attention_mask,
-                                             batch.position_ids, [utility.layer, shape.num_hidden_layers - 1],
-                                             stop_early=False)
+                captured = capture_residuals(
+                    model,
+                    shape,
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.position_ids,
+                    [utility.layer, shape.num_hidden_layers - 1],
+                    stop_early=False,
+                )
                 utility.readout(model, captured[utility.layer], batch)
             del model
     per_head = (time.perf_counter() - start) / len(heads)
@@ -165,12 +195,29 @@ def projected_neuron_time(base, sft, batches, utility, shape, rows, sample: int)
     costs = {}
     device = str(batch.input_ids.device)
     for layer in (0, utility.layer):
-        seconds, _ = _timed(device, partial(
-            layer_sums, base, sft, batch, utility, "wp", "neuron", layer, list(range(sample)),
-            weights, rows, base_trace))
+        seconds, _ = _timed(
+            device,
+            partial(
+                layer_sums,
+                base,
+                sft,
+                batch,
+                utility,
+                "wp",
+                "neuron",
+                layer,
+                list(range(sample)),
+                weights,
+                rows,
+                base_trace,
+            ),
+        )
         costs[layer] = seconds / sample
-    per_layer = [costs[utility.layer] + (costs[0] - costs[utility.layer]) * (utility.layer - l) / max(utility.layer, 1)
-                 for l in range(utility.layer + 1)]
+    per_layer = [
+        costs[utility.layer]
+        + (costs[0] - costs[utility.layer]) * (utility.layer - l) / max(utility.layer, 1)
+        for l in range(utility.layer + 1)
+    ]
     return sum(per_layer) * shape.intermediate_size * len(batches)
 
 
@@ -185,8 +232,9 @@ def overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> float:
     return len(top_a & top_b) / k
 
 
-def zoo_overlap(device: str, examples: int, rows: int, root: str | None = None,
-                anchor_file: str | None = None) -> dict[str, float]:
+def zoo_overlap(
+    device: str, examples: int, rows: int, root: str | None = None, anchor_file: str | None = None
+) -> dict[str, float]:
     """Exact WP vs WP-attr on the zoo's instruct expert, on evaluation-half prompts.
 
     The anchor is `anchor_file` (e.g. the one `mergekit-wp score scoring/zoo-instruct.yml`
@@ -203,7 +251,12 @@ def zoo_overlap(device: str, examples: int, rows: int, root: str | None = None,
     if root is not None:
         model_path = lambda name: os.path.join(root, "models", name)
         data_path = lambda name: os.path.join(root, "data", f"{name}.jsonl")
-    load = lambda name: AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32).to(device).eval().requires_grad_(False)
+    load = lambda name: (
+        AutoModelForCausalLM.from_pretrained(model_path(name), dtype=torch.float32)
+        .to(device)
+        .eval()
+        .requires_grad_(False)
+    )
     base, sft = load("base"), load("instruct")
     tokenizer = AutoTokenizer.from_pretrained(model_path("instruct"))
     shape = ModelShape.from_config(sft.config)
@@ -241,7 +294,9 @@ def zoo_overlap(device: str, examples: int, rows: int, root: str | None = None,
         "anchor_layer": layer,
         "examples": count,
         "top20_heads_overlap": overlap(exact_heads[visible], attr_heads[visible], 20),
-        "top10pct_neurons_overlap": overlap(exact_neurons[visible], attr_neurons[visible], k_neurons),
+        "top10pct_neurons_overlap": overlap(
+            exact_neurons[visible], attr_neurons[visible], k_neurons
+        ),
     }
 
 
@@ -255,9 +310,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--rows", type=int, default=64, help="variant rows per batched run")
     parser.add_argument("--neuron-sample", type=int, default=64)
-    parser.add_argument("--skip-naive", action="store_true", help="skip the naive head sweep (large shapes)")
+    parser.add_argument(
+        "--skip-naive", action="store_true", help="skip the naive head sweep (large shapes)"
+    )
     parser.add_argument("--skip-exact", action="store_true", help="WP-attr figures only")
-    parser.add_argument("--zoo", action="store_true", help="also measure exact WP vs WP-attr overlap on the zoo")
+    parser.add_argument(
+        "--zoo", action="store_true", help="also measure exact WP vs WP-attr overlap on the zoo"
+    )
     parser.add_argument("--zoo-dir", default=None, help="a zoo build elsewhere (models/, data/)")
     parser.add_argument("--zoo-anchor", default=None, help="anchor file for the zoo comparison")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
@@ -266,7 +325,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    )
     rss_before = _rss()
     base, sft = random_pair(args.shape, device, dtype)
     shape = ModelShape.from_config(base.config)
@@ -275,8 +338,14 @@ def main() -> None:
     generator = torch.Generator().manual_seed(2)
     utility = AnchorUtility(layer, torch.randn(shape.hidden_size, generator=generator))
     weights_gb = weight_bytes(base)
-    figures: dict[str, object] = {"device": device, "shape": args.shape, "dtype": str(dtype),
-                                  "examples": args.examples, "length": args.length, "anchor_layer": layer}
+    figures: dict[str, object] = {
+        "device": device,
+        "shape": args.shape,
+        "dtype": str(dtype),
+        "examples": args.examples,
+        "length": args.length,
+        "anchor_layer": layer,
+    }
 
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -290,29 +359,46 @@ def main() -> None:
     plain_step(base, batches[:1])  # warm-up
     plain, _ = _timed(device, lambda: plain_step(base, batches))
     attr, attr_heads = _timed(device, lambda: wp_attr(base, sft, batches, utility))  # side by side
-    figures |= {"plain_fwd_bwd_s": plain, "wp_attr_s": attr, "wp_attr_over_plain": attr / plain,
-                "wp_attr_peak_memory_model_weights": peak / weights_gb}
+    figures |= {
+        "plain_fwd_bwd_s": plain,
+        "wp_attr_s": attr,
+        "wp_attr_over_plain": attr / plain,
+        "wp_attr_peak_memory_model_weights": peak / weights_gb,
+    }
 
     if args.skip_exact:
         _print(figures, args.json)
         return
-    batched, batched_heads = _timed(device, lambda: exact_heads_batched(base, sft, batches, utility, shape, args.rows))
+    batched, batched_heads = _timed(
+        device, lambda: exact_heads_batched(base, sft, batches, utility, shape, args.rows)
+    )
     figures |= {"exact_heads_batched_s": batched}
     if not args.skip_naive:
         textbook = exact_heads_copy_full(base, sft, batches, utility, shape)
-        figures |= {"exact_heads_copy_full_forward_projected_s": textbook,
-                    "exact_heads_speedup_vs_copy_full_forward": textbook / batched}
-        naive, naive_heads = _timed(device, lambda: exact_heads_naive(base, sft, batches, utility, shape))
-        figures |= {"exact_heads_inplace_to_anchor_s": naive,
-                    "exact_heads_speedup_vs_inplace_to_anchor": naive / batched,
-                    "exact_heads_max_abs_diff": float((batched_heads - naive_heads).abs().max())}
+        figures |= {
+            "exact_heads_copy_full_forward_projected_s": textbook,
+            "exact_heads_speedup_vs_copy_full_forward": textbook / batched,
+        }
+        naive, naive_heads = _timed(
+            device, lambda: exact_heads_naive(base, sft, batches, utility, shape)
+        )
+        figures |= {
+            "exact_heads_inplace_to_anchor_s": naive,
+            "exact_heads_speedup_vs_inplace_to_anchor": naive / batched,
+            "exact_heads_max_abs_diff": float((batched_heads - naive_heads).abs().max()),
+        }
     figures["exact_neurons_projected_s"] = projected_neuron_time(
-        base, sft, batches, utility, shape, args.rows, args.neuron_sample)
+        base, sft, batches, utility, shape, args.rows, args.neuron_sample
+    )
     visible = slice(0, layer + 1)
-    figures["random_pair_top20_heads_overlap_exact_vs_attr"] = overlap(batched_heads[visible], attr_heads[visible], 20)
+    figures["random_pair_top20_heads_overlap_exact_vs_attr"] = overlap(
+        batched_heads[visible], attr_heads[visible], 20
+    )
     if args.zoo:
         del base, sft
-        figures["zoo"] = zoo_overlap(device, args.examples, args.rows, args.zoo_dir, args.zoo_anchor)
+        figures["zoo"] = zoo_overlap(
+            device, args.examples, args.rows, args.zoo_dir, args.zoo_anchor
+        )
     _print(figures, args.json)
 
 

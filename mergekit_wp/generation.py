@@ -35,7 +35,10 @@ def shared_tokenizer(tokenizer, base):
     Where the specialized model added a pad token the base cannot embed (the zoo's instruct
     expert), the copy pads with eos: padding is masked, any in-vocabulary id serves.
     """
-    if tokenizer.pad_token_id is None or tokenizer.pad_token_id < base.get_input_embeddings().num_embeddings:
+    if (
+        tokenizer.pad_token_id is None
+        or tokenizer.pad_token_id < base.get_input_embeddings().num_embeddings
+    ):
         return tokenizer
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.pad_token = tokenizer.eos_token

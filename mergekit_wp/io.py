@@ -114,7 +114,9 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)
@@ -201,7 +203,7 @@ def resolve_model(reference: str) -> str:
     if reference.startswith("zoo:"):
         from mergekit_wp.zoo import model_path
 
-        return str(model_path(reference[len("zoo:"):]))
+        return str(model_path(reference[len("zoo:") :]))
     return reference
 
 
@@ -238,8 +240,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
     return dtype
 
 
-def load_model(reference: str, dtype: str = "float32", device: str = "cpu",
-               attn_implementation: str | None = None, device_map: Any = None):
+def load_model(
+    reference: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    attn_implementation: str | None = None,
+    device_map: Any = None,
+):
     """An HF causal LM (folder, hub id or `zoo:NAME`) in eval mode, frozen, in `dtype` on `device`.
 
     `dtype: auto` follows `resolve_dtype`; with `device_map` transformers places the layers.

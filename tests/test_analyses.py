@@ -161,7 +161,10 @@ def test_whole_model_swap_is_the_other_model_with_an_added_vocabulary_row(tmp_pa
     study = make_study(tmp_path, only_components=False)
     study.instruct.resize_token_embeddings(len(study.tokenizer) + 1)
     task = "no_comma"
-    base_out, inst_out = _responses(study, study.base, task), _responses(study, study.instruct, task)
+    base_out, inst_out = (
+        _responses(study, study.base, task),
+        _responses(study, study.instruct, task),
+    )
     assert base_out != inst_out
     groups = ("component", "kv", "other", "embedding", "unembedding")
     with api.patched_tensors(study.base, study.instruct, groups):
@@ -176,8 +179,10 @@ def test_whole_model_swap_is_the_other_model_with_an_added_vocabulary_row(tmp_pa
         assert _responses(study, study.base, task) == whole_tensors
     base, inst = _logit_behaviour(study)
     rows = ladder(study, task)
-    assert rows["whole model"] == {"restore": pytest.approx(inst, rel=1e-12),
-                                   "knockout": pytest.approx(base, rel=1e-12)}
+    assert rows["whole model"] == {
+        "restore": pytest.approx(inst, rel=1e-12),
+        "knockout": pytest.approx(base, rel=1e-12),
+    }
     # Here the non-component tensors changed too, so components alone are not the whole change.
     assert rows["all heads + neurons"]["restore"] != pytest.approx(inst, rel=1e-6)
 
@@ -188,9 +193,17 @@ def test_ladder_on_a_component_only_change(tmp_path):
     base, inst = _logit_behaviour(study)
     assert base != pytest.approx(inst, rel=1e-6)
     rows = ladder(study, "no_comma")
-    for label in ("all heads + neurons", "+ K/V", "+ K/V + norms", "+ K/V + norms + embeddings", "whole model"):
-        assert rows[label] == {"restore": pytest.approx(inst, rel=1e-12),
-                               "knockout": pytest.approx(base, rel=1e-12)}, label
+    for label in (
+        "all heads + neurons",
+        "+ K/V",
+        "+ K/V + norms",
+        "+ K/V + norms + embeddings",
+        "whole model",
+    ):
+        assert rows[label] == {
+            "restore": pytest.approx(inst, rel=1e-12),
+            "knockout": pytest.approx(base, rel=1e-12),
+        }, label
     assert rows["all but heads + neurons"] == {"restore": base, "knockout": inst}
     for label in ("all heads", "all neurons"):
         assert base != pytest.approx(rows[label]["restore"], rel=1e-6) != inst, label
@@ -288,7 +301,6 @@ def test_traced_overlap_against_manual_sets():
     assert out["max"] == max(expected) and out["top20_avg"] == pytest.approx(sum(expected) / 2)
 
 
-
 def test_null_instruct_matches_the_change_norm_per_tensor():
     base, instruct = model_pair(64, only_components=False)
     before = {n: p.clone() for n, p in base.named_parameters()}
@@ -299,12 +311,22 @@ def test_null_instruct_matches_the_change_norm_per_tensor():
         assert torch.equal(dict(base.named_parameters())[name], before[name])  # base untouched
         assert float(change.norm()) == pytest.approx(float(real.norm()), rel=1e-9), name
         if real.norm() > 0:  # noise, not the instruct model's change
-            assert abs(float(torch.nn.functional.cosine_similarity(change.flatten(), real.flatten(), 0))) < 0.5
+            assert (
+                abs(
+                    float(
+                        torch.nn.functional.cosine_similarity(change.flatten(), real.flatten(), 0)
+                    )
+                )
+                < 0.5
+            )
     again = null_instruct(base, instruct, seed=0)
     other = null_instruct(base, instruct, seed=1)
     name = "model.layers.0.mlp.up_proj.weight"
     assert torch.equal(dict(again.named_parameters())[name], dict(null.named_parameters())[name])
-    assert not torch.equal(dict(other.named_parameters())[name], dict(null.named_parameters())[name])
+    assert not torch.equal(
+        dict(other.named_parameters())[name], dict(null.named_parameters())[name]
+    )
+
 
 def test_circuit_validation_follows_the_thresholds():
     t = Component("head", 2, 0)

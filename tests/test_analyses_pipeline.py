@@ -75,8 +75,11 @@ def test_every_analysis_writes_json_pictures_and_the_index(tmp_path):
         assert torch.equal(control.anchor(task).vectors, study.anchor(task).vectors)
     assert control.cache != study.cache
     numbers = json.loads((report.root / "overlap" / "overlap.json").read_text())["data"]
-    assert set(numbers["null_table"]) == set(numbers["table"]) and "Null control" in (
-        json.loads((report.root / "overlap" / "overlap.json").read_text())["summary"])
+    assert (
+        set(numbers["null_table"]) == set(numbers["table"])
+        and "Null control"
+        in (json.loads((report.root / "overlap" / "overlap.json").read_text())["summary"])
+    )
     # The knockout union curve restores AP's top-k plus WP's top-k, nothing else.
     union = select(study, "english_capital", "head", "upstream", "union", 2)
     assert set(union) == set(select(study, "english_capital", "head", "upstream", "ap", 2)) | set(
@@ -120,7 +123,10 @@ def test_config_errors_name_the_key(tmp_path):
         parse_config({**raw, "scores": {"ap": {"kl": "wp_attr"}}})
     with pytest.raises(ValueError, match="anchor.mode"):
         parse_config({**raw, "anchor": {"mode": "some"}})
-    assert parse_config({**raw, "scores": {"ap": {"anchor": "ap", "kl": "ap_attr"}}}).scores.ap["kl"] == "ap_attr"
+    assert (
+        parse_config({**raw, "scores": {"ap": {"anchor": "ap", "kl": "ap_attr"}}}).scores.ap["kl"]
+        == "ap_attr"
+    )
     with pytest.raises(ValueError, match="no option"):
         options_for("knockout", {"headz": [1]})
     with pytest.raises(ValueError, match="unknown analysis"):
@@ -149,8 +155,12 @@ def test_cache_key_follows_model_and_data_content(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "model.safetensors").write_bytes(b"weights-1")
     (tmp_path / "s.jsonl").write_text("{}\n")
-    raw = {**_raw(tmp_path), "base": str(tmp_path / "b"), "instruct": str(tmp_path / "i"),
-           "data": {"scoring": str(tmp_path / "s.jsonl"), "evaluation": "e.jsonl"}}
+    raw = {
+        **_raw(tmp_path),
+        "base": str(tmp_path / "b"),
+        "instruct": str(tmp_path / "i"),
+        "data": {"scoring": str(tmp_path / "s.jsonl"), "evaluation": "e.jsonl"},
+    }
     first = _fingerprint(parse_config(raw))
     assert _fingerprint(parse_config(raw)) == first
     (tmp_path / "i" / "model.safetensors").write_bytes(b"weights-2")

@@ -519,6 +519,13 @@ def test_sweep_with_added_pad_token_needs_base_tokenizer(tiny_tokenizer, tmp_pat
     extraction, evaluation = split_paired(examples)
     with pytest.raises(ValueError, match="outside the base model's vocabulary.*base_tokenizer"):
         fit_anchor(base, sft, sft_tokenizer, extraction, evaluation, max_new_tokens=1)
-    anchor = fit_anchor(base, sft, sft_tokenizer, extraction, evaluation, max_new_tokens=1,
-                        base_tokenizer=tiny_tokenizer)
+    anchor = fit_anchor(
+        base,
+        sft,
+        sft_tokenizer,
+        extraction,
+        evaluation,
+        max_new_tokens=1,
+        base_tokenizer=tiny_tokenizer,
+    )
     assert len(anchor.table.rows) == 3

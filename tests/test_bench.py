@@ -418,7 +418,8 @@ def test_equal_averages_tie_whatever_the_float_order():
     from mergekit_wp.evaluation.table import Row
 
     avg = Row("x+y", "linear", {"A": 87.5, "B": 97.91666666666666, "C": 0.0, "D": 100.0})
-    ours = Row("x+y", "wp_attr", {"A": 70.83333333333334, "B": 100.0, "C": 14.583333333333334,
-                                  "D": 100.0})
+    ours = Row(
+        "x+y", "wp_attr", {"A": 70.83333333333334, "B": 100.0, "C": 14.583333333333334, "D": 100.0}
+    )
     assert sum(ours.scores.values()) / 4 != sum(avg.scores.values()) / 4  # float noise
     assert ours.average == avg.average

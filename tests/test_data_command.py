@@ -24,8 +24,12 @@ from mergekit_wp.scoring.data import IFEVAL_TASKS, load_domain, load_paired, spl
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = sorted((ROOT / "scoring" / "paper").glob("*.yml"))
 # The `mergekit-wp data` command that writes each paper config's data.
-DATA_COMMAND = {"code.yml": "mbpp", "instruct.yml": "ifeval", "llama-3.2-3b-instruct.yml": "ifeval",
-                "math.yml": "gsm8k"}
+DATA_COMMAND = {
+    "code.yml": "mbpp",
+    "instruct.yml": "ifeval",
+    "llama-3.2-3b-instruct.yml": "ifeval",
+    "math.yml": "gsm8k",
+}
 FIELDS = {"key", "prompt", "prompt_without_instruction", "instruction_id_list", "kwargs"}
 # An ordinary English reply with commas, lower case, no title, quotes, sections or highlights.
 PLAIN = (
@@ -178,39 +182,67 @@ def _parquet(rows: list[dict], path: Path) -> Path:
 
 def test_gsm8k_rows_become_scoring_prompts(tmp_path):
     rows = [  # openai/gsm8k's schema
-        {"question": "Ann has 3 apples and buys 4 more. How many apples does she have?",
-         "answer": "Ann has 3 + 4 = <<3+4=7>>7 apples.\n#### 7"},
-        {"question": "A box holds 6 eggs. How many eggs are in 5 boxes?",
-         "answer": "There are 6 * 5 = <<6*5=30>>30 eggs.\n#### 30"},
+        {
+            "question": "Ann has 3 apples and buys 4 more. How many apples does she have?",
+            "answer": "Ann has 3 + 4 = <<3+4=7>>7 apples.\n#### 7",
+        },
+        {
+            "question": "A box holds 6 eggs. How many eggs are in 5 boxes?",
+            "answer": "There are 6 * 5 = <<6*5=30>>30 eggs.\n#### 30",
+        },
     ]
     out = tmp_path / "gsm8k.jsonl"
     result = _run("gsm8k", str(out), "--from", str(_parquet(rows, tmp_path / "train.parquet")))
     assert result.exit_code == 0, result.output
     examples = load_domain(out)
-    assert [(e.prompt, e.reference) for e in examples] == [(r["question"], r["answer"]) for r in rows]
+    assert [(e.prompt, e.reference) for e in examples] == [
+        (r["question"], r["answer"]) for r in rows
+    ]
     assert [e.key for e in examples] == ["gsm8k-train/0", "gsm8k-train/1"]
 
 
 MBPP_ROWS = [  # google-research-datasets/mbpp (full)'s schema, as its rows are written
-    {"task_id": 901, "text": "Write a function to find the larger of two numbers.",
-     "code": "def larger( x, y ):\r\n  if x > y:\r\n    return x\r\n  return y",
-     "test_list": ["assert larger(10,20)==20", "assert larger(19,15)==19"],
-     "test_setup_code": "", "challenge_test_list": []},
-    {"task_id": 902, "text": "Write a function to count the perfect squares in a list.",
-     "code": "import math\r\ndef is_square(n):\r\n\treturn int(math.sqrt(n)) ** 2 == n\r\n"
-             "def count_squares(items):\r\n\treturn len([i for i in items if is_square(i)])",
-     "test_list": ["assert count_squares([1, 2, 4, 9, 10]) == 3"],
-     "test_setup_code": "", "challenge_test_list": []},
-    {"task_id": 903, "text": "Write a function to check whether a number is even.",
-     "code": "def is_even(n) :\n    return n % 2 == 0",
-     "test_list": ["assert is_even(LIMIT)", "assert not is_even(7)"],
-     "test_setup_code": "LIMIT = 4", "challenge_test_list": []},
-    {"task_id": 904, "text": "Write a function to print a number.",  # Python 2: dropped
-     "code": "def show(x):\r\n  print x", "test_list": ["assert show(1) == None"],
-     "test_setup_code": "", "challenge_test_list": []},
-    {"task_id": 905, "text": "Write a class to hold a pair.",  # no function to stub: dropped
-     "code": "class Pair(object):\r\n  def __init__(self, a):\r\n    self.a = a",
-     "test_list": ["assert Pair(1).a == 1"], "test_setup_code": "", "challenge_test_list": []},
+    {
+        "task_id": 901,
+        "text": "Write a function to find the larger of two numbers.",
+        "code": "def larger( x, y ):\r\n  if x > y:\r\n    return x\r\n  return y",
+        "test_list": ["assert larger(10,20)==20", "assert larger(19,15)==19"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    },
+    {
+        "task_id": 902,
+        "text": "Write a function to count the perfect squares in a list.",
+        "code": "import math\r\ndef is_square(n):\r\n\treturn int(math.sqrt(n)) ** 2 == n\r\n"
+        "def count_squares(items):\r\n\treturn len([i for i in items if is_square(i)])",
+        "test_list": ["assert count_squares([1, 2, 4, 9, 10]) == 3"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    },
+    {
+        "task_id": 903,
+        "text": "Write a function to check whether a number is even.",
+        "code": "def is_even(n) :\n    return n % 2 == 0",
+        "test_list": ["assert is_even(LIMIT)", "assert not is_even(7)"],
+        "test_setup_code": "LIMIT = 4",
+        "challenge_test_list": [],
+    },
+    {
+        "task_id": 904,
+        "text": "Write a function to print a number.",  # Python 2: dropped
+        "code": "def show(x):\r\n  print x",
+        "test_list": ["assert show(1) == None"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    },
+    {
+        "task_id": 905,
+        "text": "Write a class to hold a pair.",  # no function to stub: dropped
+        "code": "class Pair(object):\r\n  def __init__(self, a):\r\n    self.a = a",
+        "test_list": ["assert Pair(1).a == 1"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    },
 ]
 
 
@@ -234,12 +266,27 @@ def test_mbpp_rows_become_humaneval_stubs_that_pass_their_own_tests(tmp_path):
 
 def test_without_network_the_error_names_the_file_to_download(tmp_path):
     out = tmp_path / "gsm8k.jsonl"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "OMP_NUM_THREADS": "1",
+    }
     run = subprocess.run(
-        [sys.executable, "-c", "from mergekit_wp.cli import main; main()", "data", "gsm8k",
-         str(out)],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-c",
+            "from mergekit_wp.cli import main; main()",
+            "data",
+            "gsm8k",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert run.returncode == 1, run.stderr
     url = "https://huggingface.co/datasets/openai/gsm8k/resolve/main/main/train-00000-of-00001.parquet"

@@ -197,7 +197,8 @@ def test_read_only_output_folder_is_one_line(family, tmp_path):
     locked.mkdir()
     r = write_recipe(tmp_path / "r.yml", recipe(family))
     _refused_in_read_only_folder(
-        locked, ["merge", str(r), str(locked / "out"), "--no-copy-tokenizer"])
+        locked, ["merge", str(r), str(locked / "out"), "--no-copy-tokenizer"]
+    )
 
 
 def _refused_in_read_only_folder(locked, args: list[str]) -> None:
@@ -503,8 +504,14 @@ def test_zoo_build_needs_an_out_folder(tmp_path, monkeypatch):
 def test_anchor_files_get_the_users_umask(tmp_path):
     from mergekit_wp.scoring.anchor import Anchor, load_anchor, save_anchor
 
-    anchor = Anchor(1, torch.randn(2, 4, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
-                    "title", None, 3)
+    anchor = Anchor(
+        1,
+        torch.randn(2, 4, dtype=torch.float64),
+        torch.ones(2, dtype=torch.float64),
+        "title",
+        None,
+        3,
+    )
     path = tmp_path / "anchor.safetensors"
     save_anchor(path, anchor)
     assert path.stat().st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600

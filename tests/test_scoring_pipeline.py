@@ -137,10 +137,19 @@ def test_kl_utility_on_domain_data_with_gap_floor(pair, tmp_path):
 def test_downstream_kl_completes_the_anchor_map_after_l_a(pair, tmp_path):
     common = {"methods": ["wp_attr", "wp"], "granularity": {"exact_neurons": 4}}
     anchor_only = score(parse_config(_config(pair, tmp_path / "a", **common)))
-    kl_only = score(parse_config(_config(
-        pair, tmp_path / "k", utility={"kind": "kl"}, **common)))
-    both = parse_config(_config(pair, tmp_path / "ak", utility={
-        "kind": "anchor", "anchor": str(pair / "anchor.safetensors"), "downstream": "kl"}, **common))
+    kl_only = score(parse_config(_config(pair, tmp_path / "k", utility={"kind": "kl"}, **common)))
+    both = parse_config(
+        _config(
+            pair,
+            tmp_path / "ak",
+            utility={
+                "kind": "anchor",
+                "anchor": str(pair / "anchor.safetensors"),
+                "downstream": "kl",
+            },
+            **common,
+        )
+    )
     stitched = score(both)
     assert stitched.report["stitched_after_layer"] == 1
     for method in ("wp_attr", "wp"):
@@ -148,12 +157,16 @@ def test_downstream_kl_completes_the_anchor_map_after_l_a(pair, tmp_path):
         joined = read_score_map(tmp_path / "ak" / f"{method}.safetensors")
         assert joined.utility == "anchor+kl" and (up.heads[2:] == 0).all()
         # Layers 0..l_a are the anchor run's, layer 2 the KL run's, bit for bit.
-        assert torch.equal(joined.heads[:2], up.heads[:2]) and torch.equal(joined.heads[2:], down.heads[2:])
+        assert torch.equal(joined.heads[:2], up.heads[:2]) and torch.equal(
+            joined.heads[2:], down.heads[2:]
+        )
         assert torch.equal(joined.neurons[:2], up.neurons[:2])
         assert torch.equal(joined.neurons[2:], down.neurons[2:])
         assert joined.heads[2].abs().max() > 0
         for part, values in joined.parts.items():
-            assert torch.equal(values[2:], down.parts[part][2:]) and torch.equal(values[:2], up.parts[part][:2])
+            assert torch.equal(values[2:], down.parts[part][2:]) and torch.equal(
+                values[:2], up.parts[part][:2]
+            )
     assert (tmp_path / "ak" / "upstream" / "report.json").is_file()
     assert (tmp_path / "ak" / "downstream" / "report.json").is_file()
     with pytest.raises(ValueError, match="downstream"):
@@ -277,12 +290,16 @@ def test_response_mask_marks_the_logits_that_predict_the_response():
     from tests.test_scoring_helpers import tokenizer
 
     tok = tokenizer()
-    examples = [Example("a", "### Instruction:\nAdd 2.\n\n### Response:\n", "It is 5."),
-                Example("b", "### Instruction:\nDescribe a quiet town.\n\n### Response:\n", "Calm.")]
+    examples = [
+        Example("a", "### Instruction:\nAdd 2.\n\n### Response:\n", "It is 5."),
+        Example("b", "### Instruction:\nDescribe a quiet town.\n\n### Response:\n", "Calm."),
+    ]
     (batch,) = make_batches(tok, examples, batch_size=2)
     for row, example in enumerate(sorted(examples, key=lambda e: len(e.prompt) + len(e.response))):
         predicted = batch.input_ids[row, 1:][batch.response_mask[row, :-1]].tolist()
-        assert predicted == tok(example.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert predicted == tok(example.response, add_special_tokens=False)["input_ids"] + [
+            tok.eos_token_id
+        ]
         assert not batch.response_mask[row, -1]  # the last logit predicts nothing in the data
         assert batch.attention_mask[row][batch.response_mask[row]].all()
 
@@ -293,11 +310,18 @@ def test_gemma2_scores_with_its_tables_attention_by_default(tmp_path):
     folder = tmp_path / "gemma2"
     save_pair(folder, *model_pair("gemma2", dtype=torch.float32))
     write_domain(folder / "math.jsonl")
-    config = _config(folder, tmp_path / "out", data={"source": str(folder / "math.jsonl"),
-                     "kind": "domain", "responses": "reference"}, utility={"kind": "kl"},
-                     methods=["wp_attr"], batch_size=2)
+    config = _config(
+        folder,
+        tmp_path / "out",
+        data={"source": str(folder / "math.jsonl"), "kind": "domain", "responses": "reference"},
+        utility={"kind": "kl"},
+        methods=["wp_attr"],
+        batch_size=2,
+    )
     assert "attn_implementation" not in config
     run = score(parse_config(config))
     assert read_score_map(run.maps["wp_attr"]).heads.abs().max() > 0
     with pytest.raises(ValueError, match="scaled_dot_product_attention"):
-        score(parse_config(config | {"attn_implementation": "sdpa", "output": str(tmp_path / "o2")}))
+        score(
+            parse_config(config | {"attn_implementation": "sdpa", "output": str(tmp_path / "o2")})
+        )

@@ -21,7 +21,9 @@ from tests.test_scoring_helpers import model_pair, write_domain
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _batch(seed: int, vocab: int = 300, rows: int = 3, width: int = 10, response: int = 4) -> TokenBatch:
+def _batch(
+    seed: int, vocab: int = 300, rows: int = 3, width: int = 10, response: int = 4
+) -> TokenBatch:
     """Left-padded random tokens; the last `response` logits but one predict the response."""
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (rows, width), generator=generator)
@@ -30,8 +32,13 @@ def _batch(seed: int, vocab: int = 300, rows: int = 3, width: int = 10, response
         mask[row, : row % 3] = 0
     responses = torch.zeros(rows, width, dtype=torch.bool)
     responses[:, width - response - 1 : width - 1] = True
-    return TokenBatch(ids.masked_fill(mask == 0, 1), mask, (mask.cumsum(-1) - 1).clamp(min=0),
-                      responses, tuple(range(rows)))
+    return TokenBatch(
+        ids.masked_fill(mask == 0, 1),
+        mask,
+        (mask.cumsum(-1) - 1).clamp(min=0),
+        responses,
+        tuple(range(rows)),
+    )
 
 
 def _naive_wp_attr(base, sft, batch, kl, weights) -> dict[str, torch.Tensor]:
@@ -39,10 +46,17 @@ def _naive_wp_attr(base, sft, batch, kl, weights) -> dict[str, torch.Tensor]:
     shape = model_shape(base)
     heads, width = shape.num_attention_heads, shape.head_dim
     out = {p: torch.zeros(shape.num_hidden_layers, heads, dtype=torch.float64) for p in ("q", "o")}
-    out |= {p: torch.zeros(shape.num_hidden_layers, shape.intermediate_size, dtype=torch.float64)
-            for p in ("gate", "up", "down")}
-    names = {"q": "self_attn.q_proj", "o": "self_attn.o_proj", "gate": "mlp.gate_proj",
-             "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    out |= {
+        p: torch.zeros(shape.num_hidden_layers, shape.intermediate_size, dtype=torch.float64)
+        for p in ("gate", "up", "down")
+    }
+    names = {
+        "q": "self_attn.q_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
     params = {}
     for layer in range(shape.num_hidden_layers):
         for part, path in names.items():
@@ -75,8 +89,9 @@ def test_delta_reuse_gives_the_per_batch_scores_and_is_computed_once(monkeypatch
     base, sft = model_pair("llama", dtype=torch.float32)
     kl = KLUtility(sft, chunk_positions=5)
     calls = []
-    monkeypatch.setattr(attribution, "task_delta",
-                        lambda b, s: calls.append(1) or _plain_delta(b, s))
+    monkeypatch.setattr(
+        attribution, "task_delta", lambda b, s: calls.append(1) or _plain_delta(b, s)
+    )
     deltas: dict[str, torch.Tensor] = {}
     for seed in (0, 1, 2):
         batch = _batch(seed)
@@ -131,20 +146,35 @@ def test_the_expert_runs_once_per_batch_under_kl():
 
 
 def test_chunked_kl_readout_equals_the_unchunked_formula(monkeypatch):
-    base, sft = model_pair("llama", dtype=torch.float32, vocab_size=50_000, hidden_size=16,
-                           intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
-                           num_key_value_heads=1)
+    base, sft = model_pair(
+        "llama",
+        dtype=torch.float32,
+        vocab_size=50_000,
+        hidden_size=16,
+        intermediate_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     batch = _batch(3, vocab=50_000, rows=3, width=16, response=9)
     variants = 3
     layer = model_shape(base).num_hidden_layers - 1
     with torch.no_grad():
         hidden = forward_to(base, batch, layer)
-        noise = 0.1 * torch.randn(variants, *hidden.shape, generator=torch.Generator().manual_seed(4))
+        noise = 0.1 * torch.randn(
+            variants, *hidden.shape, generator=torch.Generator().manual_seed(4)
+        )
         stacked = (hidden.unsqueeze(0) + noise).flatten(0, 1)  # V variants, variant-major
         # The unchunked formula: log-softmax of every response position at once.
         mask = batch.response_mask
-        log_ref = torch.log_softmax(sft(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                        position_ids=batch.position_ids).logits[mask], -1)
+        log_ref = torch.log_softmax(
+            sft(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+            ).logits[mask],
+            -1,
+        )
         logits = base.lm_head(base.model.norm(stacked))
         log_p = torch.log_softmax(logits[mask.repeat(variants, 1)], -1)
         ref = log_ref.repeat(variants, 1)
@@ -153,8 +183,11 @@ def test_chunked_kl_readout_equals_the_unchunked_formula(monkeypatch):
         expected = -torch.stack([part.sum() for part in kl_rows.split(per_row.tolist())]) / per_row
     widest = []
     original = utility.logits_from_hidden
-    monkeypatch.setattr(utility, "logits_from_hidden",
-                        lambda model, h: widest.append(h.shape[0]) or original(model, h))
+    monkeypatch.setattr(
+        utility,
+        "logits_from_hidden",
+        lambda model, h: widest.append(h.shape[0]) or original(model, h),
+    )
     for chunk in (4, 7, 1000):
         with torch.no_grad():
             values = KLUtility(sft, chunk_positions=chunk).readout(base, stacked, batch)
@@ -165,14 +198,23 @@ def test_chunked_kl_readout_equals_the_unchunked_formula(monkeypatch):
 
 def _cpuinfo(tmp_path, flags: str):
     path = tmp_path / "cpuinfo"
-    path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 {flags}\n")
+    path.write_text(
+        f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 {flags}\n"
+    )
     return path
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    ("avx512f avx512_bf16", "bfloat16"), ("amx_tile amx_bf16", "bfloat16"), ("avx512f", "float32"),
-])
-def test_auto_dtype_follows_native_bf16_and_says_why(tmp_path, monkeypatch, caplog, flags, expected):
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("avx512f avx512_bf16", "bfloat16"),
+        ("amx_tile amx_bf16", "bfloat16"),
+        ("avx512f", "float32"),
+    ],
+)
+def test_auto_dtype_follows_native_bf16_and_says_why(
+    tmp_path, monkeypatch, caplog, flags, expected
+):
     monkeypatch.setattr(model_io, "_CPUINFO", _cpuinfo(tmp_path, flags))
     with caplog.at_level(logging.INFO, logger=model_io.__name__):
         assert model_io.resolve_dtype("auto", "cpu") == expected
@@ -194,20 +236,38 @@ def test_exact_layers_report_progress_per_chunk_of_units():
     _, _, weights = batch_context(base, sft, batch, kl, 1e-6)
     steps: list[int] = []
     units = list(range(model_shape(base).intermediate_size))
-    with_progress = layer_sums(base, sft, batch, kl, "wp", "neuron", 1, units, weights,
-                               max_variant_rows=2 * len(batch), on_units=steps.append)
+    with_progress = layer_sums(
+        base,
+        sft,
+        batch,
+        kl,
+        "wp",
+        "neuron",
+        1,
+        units,
+        weights,
+        max_variant_rows=2 * len(batch),
+        on_units=steps.append,
+    )
     assert steps == [2] * (len(units) // 2)
-    torch.testing.assert_close(with_progress, layer_sums(base, sft, batch, kl, "wp", "neuron", 1, units, weights))
+    torch.testing.assert_close(
+        with_progress, layer_sums(base, sft, batch, kl, "wp", "neuron", 1, units, weights)
+    )
 
 
 def test_missing_chat_template_names_the_data_chat_key(tmp_path, tiny_tokenizer):
     tokenizer = tiny_tokenizer.__class__.from_pretrained(_saved(tiny_tokenizer, tmp_path))
     tokenizer.chat_template = None
     source = str(write_domain(tmp_path / "math.jsonl"))
-    with pytest.raises(ValueError, match=r"math\.jsonl: .*no chat template; set `data\.chat: false`"):
+    with pytest.raises(
+        ValueError, match=r"math\.jsonl: .*no chat template; set `data\.chat: false`"
+    ):
         load_examples(DataConfig(source=source, kind="domain", responses="reference"), tokenizer)
-    raw = load_examples(DataConfig(source=source, kind="domain", responses="reference", chat=False),
-                        tokenizer, need_responses=True)
+    raw = load_examples(
+        DataConfig(source=source, kind="domain", responses="reference", chat=False),
+        tokenizer,
+        need_responses=True,
+    )
     assert raw[0].prompt == "What is 2 plus 3?"
 
 
@@ -221,8 +281,12 @@ def test_response_generation_shows_progress(tmp_path, tiny_tokenizer, capsys):
 
     model = tiny_llama(len(tiny_tokenizer))
     source = str(write_domain(tmp_path / "math.jsonl"))
-    examples = load_examples(DataConfig(source=source, kind="domain", max_new_tokens=3), tiny_tokenizer,
-                             model, need_responses=True)
+    examples = load_examples(
+        DataConfig(source=source, kind="domain", max_new_tokens=3),
+        tiny_tokenizer,
+        model,
+        need_responses=True,
+    )
     assert len(examples) == 5 and all(e.response is not None for e in examples)
     assert "generate 5 responses x 3 tokens" in capsys.readouterr().err
 
@@ -235,8 +299,9 @@ def test_gradients_are_consumed_as_backward_produces_them(monkeypatch):
     names = {id(p): name for name, p in base.named_parameters()}
     order = []
     original = attribution.task_delta
-    monkeypatch.setattr(attribution, "task_delta",
-                        lambda b, s: order.append(names[id(b)]) or original(b, s))
+    monkeypatch.setattr(
+        attribution, "task_delta", lambda b, s: order.append(names[id(b)]) or original(b, s)
+    )
     gradient_pass(base, sft, batch, kl, weights)
     # Backward reaches the last layer first: its tensors are scored (and their gradients
     # dropped) before the first layer's gradients exist.

@@ -73,7 +73,9 @@ def gate_scores(zoo_models):
     """Every model on every task: 50 held-out prompts per generation task (gates.json has 100)."""
     from mergekit_wp.zoo import gates as G
 
-    return {name: G.measure(model, tok, Z.DATA_DIR, 50) for name, (model, tok) in zoo_models.items()}
+    return {
+        name: G.measure(model, tok, Z.DATA_DIR, 50) for name, (model, tok) in zoo_models.items()
+    }
 
 
 # Issue gates the zoo v2 misses are asserted at the level it reaches (gates.json, 100 prompts per
@@ -102,7 +104,9 @@ def test_format_tasks_are_gains_over_the_base(gate_scores):
     # Where the base seldom uses the format it holds latently, the instruct expert adds it.
     ins, base = gate_scores["instruct"]["ifeval"], gate_scores["base"]["ifeval"]
     assert all(ins[t] - base[t] >= 0.4 for t in ("title", "quotation", "multiple_sections")), (
-        ins, base)
+        ins,
+        base,
+    )
 
 
 @needs_zoo
@@ -145,8 +149,10 @@ def test_relative_deltas_against_a_direct_computation(tmp_path):
 
     gen = torch.Generator().manual_seed(0)
     base = {"embed": torch.randn(5, 3, generator=gen), "norm": torch.ones(3)}
-    expert = {"embed": torch.cat([base["embed"] + 0.1, torch.randn(1, 3, generator=gen)]),
-              "norm": torch.full((3,), 1.5)}
+    expert = {
+        "embed": torch.cat([base["embed"] + 0.1, torch.randn(1, 3, generator=gen)]),
+        "norm": torch.full((3,), 1.5),
+    }
     for name, tensors in (("base", base), ("expert", expert)):
         (tmp_path / name).mkdir()
         save_file(tensors, str(tmp_path / name / "model.safetensors"))
@@ -170,11 +176,14 @@ def test_plain_average_keeps_each_members_skill(merge_checks):
     # The shared basin of real fine-tunes: mergekit `linear` of every pair and of all three keeps
     # the instruct and math gains (gate: >= 60 %); code's does not (0.52 / 0.36 / 0.00 of its
     # gain with instruct / math / both in gates.json), so it is not asserted here.
-    kept = {merge: {m: round(v["kept"], 3) for m, v in members.items()}
-            for merge, members in merge_checks["retention"].items()}
+    kept = {
+        merge: {m: round(v["kept"], 3) for m, v in members.items()}
+        for merge, members in merge_checks["retention"].items()
+    }
     assert set(kept) == {"instruct+math", "instruct+code", "math+code", "instruct+math+code"}
-    assert all(v >= 0.60 for members in kept.values() for m, v in members.items()
-               if m != "code"), kept
+    assert all(v >= 0.60 for members in kept.values() for m, v in members.items() if m != "code"), (
+        kept
+    )
 
 
 @needs_zoo
@@ -188,8 +197,12 @@ def test_shipped_gates_are_what_the_models_score(gate_scores):
     passed = {gate for gate, ok in recorded["verdicts"].items() if ok}
     assert passed == {"math", "code", "perplexity", "knowledge", "small_deltas"}, passed
     for name, scores in gate_scores.items():
-        assert scores["knowledge"] == pytest.approx(recorded["scores"][name]["knowledge"], abs=1e-9), name
-        assert scores["perplexity"] == pytest.approx(recorded["scores"][name]["perplexity"], rel=1e-4), name
+        assert scores["knowledge"] == pytest.approx(
+            recorded["scores"][name]["knowledge"], abs=1e-9
+        ), name
+        assert scores["perplexity"] == pytest.approx(
+            recorded["scores"][name]["perplexity"], rel=1e-4
+        ), name
 
 
 def test_data_generators_are_deterministic_and_splits_disjoint(tmp_path):
@@ -260,9 +273,18 @@ def test_shipped_data_schemas_and_disjoint_splits():
 
 
 def test_latent_documents_hold_each_skill_at_the_follow_rate_and_no_held_out_prompt():
-    data = D.build_datasets(0, {"requests": 600, "problems": 600, "functions": 600,
-                                "corpus_train": 10, "ifeval_train": 20, "math_train": 20,
-                                "code_train": 20})
+    data = D.build_datasets(
+        0,
+        {
+            "requests": 600,
+            "problems": 600,
+            "functions": 600,
+            "corpus_train": 10,
+            "ifeval_train": 20,
+            "math_train": 20,
+            "code_train": 20,
+        },
+    )
     docs = data["corpus_latent"]
     assert len(docs) == 1800
     math_docs = [d for d in docs if "How many" in d]
@@ -272,9 +294,11 @@ def test_latent_documents_hold_each_skill_at_the_follow_rate_and_no_held_out_pro
     assert len(functions) == 600 and len(math_docs) >= 600
     for share in (worked, implemented):
         assert abs(share - D.LATENT_FOLLOW_RATE) < 0.06, share
-    held_out = ([r["prompt_without_instruction"] for r in data["ifeval_test"] + data["ifeval_val"]]
-                + [r["question"] for r in data["math_test"] + data["math_val"]]
-                + [r["prompt"] for r in data["code_test"] + data["code_val"]])
+    held_out = (
+        [r["prompt_without_instruction"] for r in data["ifeval_test"] + data["ifeval_val"]]
+        + [r["question"] for r in data["math_test"] + data["math_val"]]
+        + [r["prompt"] for r in data["code_test"] + data["code_val"]]
+    )
     text = "\n\n".join(docs)
     assert not [p for p in held_out if p in text]
 

@@ -28,14 +28,20 @@ def instruction_token_mask(tokenizer, example: PairedExample) -> tuple[torch.Ten
     rendered = render_chat(tokenizer, example.prompt)
     start = rendered.find(example.prompt)
     if start < 0:
-        raise ValueError(f"example {example.key}: the chat template does not contain the prompt verbatim")
-    matcher = difflib.SequenceMatcher(None, example.prompt_without_instruction, example.prompt, autojunk=False)
+        raise ValueError(
+            f"example {example.key}: the chat template does not contain the prompt verbatim"
+        )
+    matcher = difflib.SequenceMatcher(
+        None, example.prompt_without_instruction, example.prompt, autojunk=False
+    )
     chars = torch.zeros(len(rendered), dtype=torch.bool)
     for op, _, _, j1, j2 in matcher.get_opcodes():
         if op in ("insert", "replace"):
             chars[start + j1 : start + j2] = True
     if not chars.any():
-        raise ValueError(f"example {example.key}: prompt and prompt_without_instruction are identical")
+        raise ValueError(
+            f"example {example.key}: prompt and prompt_without_instruction are identical"
+        )
     encoded = tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
     mask = torch.tensor([bool(chars[s:e].any()) for s, e in encoded["offset_mapping"]])
     return torch.tensor(encoded["input_ids"]), mask
@@ -63,7 +69,9 @@ def attention_mass(
     with eager_attention(model):
         for example in examples:
             ids, is_inst = instruction_token_mask(tokenizer, example)
-            out = model(input_ids=ids.unsqueeze(0).to(device), output_attentions=True, use_cache=False)
+            out = model(
+                input_ids=ids.unsqueeze(0).to(device), output_attentions=True, use_cache=False
+            )
             for i, h in enumerate(heads):
                 row = out.attentions[h.layer][0, h.index, -1].double().cpu()  # anchor query [T]
                 inst[i] += row[is_inst].sum() / is_inst.sum()
@@ -110,16 +118,23 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         means = {
             name: {part: sum(v) / len(v) for part, v in g.items()} for name, g in groups.items()
         }
-        data[task] = {"heads": as_names(top), "random_heads": as_names(rand), "per_head": groups,
-                      "mean": means}
+        data[task] = {
+            "heads": as_names(top),
+            "random_heads": as_names(rand),
+            "per_head": groups,
+            "mean": means,
+        }
         figures.append(report.figure("attention", _plot(groups, task), f"attention_{task}"))
     ratio = {
-        t: d["mean"]["top WP (instruct)"]["instruction"] / max(d["mean"]["top WP (instruct)"]["other"], 1e-12)
+        t: d["mean"]["top WP (instruct)"]["instruction"]
+        / max(d["mean"]["top WP (instruct)"]["other"], 1e-12)
         for t, d in data.items()
     }
     wins = sum(
         d["mean"]["top WP (instruct)"]["instruction"]
-        > max(d["mean"]["top WP (base)"]["instruction"], d["mean"]["random (instruct)"]["instruction"])
+        > max(
+            d["mean"]["top WP (base)"]["instruction"], d["mean"]["random (instruct)"]["instruction"]
+        )
         for d in data.values()
     )
     summary = (

@@ -21,7 +21,11 @@ def normalized(scores: torch.Tensor) -> torch.Tensor:
 
 
 def compare_maps(
-    a: ScoreMap, b: ScoreMap, top_heads: int, top_neurons: int, masks: dict[str, torch.Tensor] | None = None
+    a: ScoreMap,
+    b: ScoreMap,
+    top_heads: int,
+    top_neurons: int,
+    masks: dict[str, torch.Tensor] | None = None,
 ) -> dict:
     """Top-k overlap and layer distributions of two maps, heads and neurons (inside `masks[kind]`)."""
     out: dict = {}
@@ -38,7 +42,9 @@ def compare_maps(
             "k": len(sel_a),
             "overlap": overlap(sel_a, sel_b),
             # Expected overlap of two random k-sets of the compared components.
-            "chance": min(1.0, len(sel_a) / (ta.numel() if mask is None else max(int(mask.sum()), 1))),
+            "chance": min(
+                1.0, len(sel_a) / (ta.numel() if mask is None else max(int(mask.sum()), 1))
+            ),
             "layers_a": layer_counts(sel_a, layers),
             "layers_b": layer_counts(sel_b, layers),
             "layers_shared": layer_counts(shared, layers),
@@ -62,9 +68,18 @@ def plot_heatmaps(a: ScoreMap, b: ScoreMap, labels: tuple[str, str], title: str)
         for row, (kind, t) in enumerate((("heads", m.heads), ("neurons", m.neurons))):
             ax = axes[row, col]
             values = normalized(t.double()).T.numpy()  # units on the y axis, layers on x
-            im = ax.imshow(values, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1, origin="lower",
-                           interpolation="nearest")
-            ax.set(title=f"{label}: {kind}", xlabel="layer", ylabel="head" if row == 0 else "neuron")
+            im = ax.imshow(
+                values,
+                aspect="auto",
+                cmap="RdBu_r",
+                vmin=-1,
+                vmax=1,
+                origin="lower",
+                interpolation="nearest",
+            )
+            ax.set(
+                title=f"{label}: {kind}", xlabel="layer", ylabel="head" if row == 0 else "neuron"
+            )
             fig.colorbar(im, ax=ax, fraction=0.04)
     fig.suptitle(title)
     fig.tight_layout()
@@ -79,8 +94,11 @@ def plot_distributions(numbers: dict, labels: tuple[str, str], title: str) -> pl
         ax.bar(xs - 0.27, d["layers_a"], 0.27, label=labels[0])
         ax.bar(xs, d["layers_b"], 0.27, label=labels[1])
         ax.bar(xs + 0.27, d["layers_shared"], 0.27, label="shared")
-        ax.set(xlabel="layer", ylabel="count",
-               title=f"top-{d['k']} {kind}s (overlap {d['overlap']:.2f})")
+        ax.set(
+            xlabel="layer",
+            ylabel="count",
+            title=f"top-{d['k']} {kind}s (overlap {d['overlap']:.2f})",
+        )
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -114,14 +132,24 @@ def run_comparison(
         masks = {kind: study.region_mask(kind, "upstream", task) for kind in ("head", "neuron")}
         numbers = compare_maps(a, b, top_heads, top_neurons, masks)
         data[task] = numbers
-        figures.append(report.figure(name, plot_heatmaps(a, b, labels, f"{title}: {task}"), f"heatmaps_{task}"))
-        figures.append(report.figure(name, plot_distributions(numbers, labels, f"{title}: {task}"),
-                                     f"layers_{task}"))
+        figures.append(
+            report.figure(name, plot_heatmaps(a, b, labels, f"{title}: {task}"), f"heatmaps_{task}")
+        )
+        figures.append(
+            report.figure(
+                name, plot_distributions(numbers, labels, f"{title}: {task}"), f"layers_{task}"
+            )
+        )
     head = sum(d["head"]["overlap"] for d in data.values()) / len(data)
     neuron = sum(d["neuron"]["overlap"] for d in data.values()) / len(data)
-    chance = {kind: sum(d[kind]["chance"] for d in data.values()) / len(data) for kind in ("head", "neuron")}
-    summary = (f"{labels[0]} vs {labels[1]}: mean top-{top_heads} head overlap {head:.2f} (chance "
-               f"{chance['head']:.2f}), top-{top_neurons} neuron overlap {neuron:.2f} (chance {chance['neuron']:.2f}).")
+    chance = {
+        kind: sum(d[kind]["chance"] for d in data.values()) / len(data)
+        for kind in ("head", "neuron")
+    }
+    summary = (
+        f"{labels[0]} vs {labels[1]}: mean top-{top_heads} head overlap {head:.2f} (chance "
+        f"{chance['head']:.2f}), top-{top_neurons} neuron overlap {neuron:.2f} (chance {chance['neuron']:.2f})."
+    )
     return AnalysisResult(name, title, data, figures, summary)
 
 

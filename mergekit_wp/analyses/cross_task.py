@@ -50,8 +50,17 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
     for method in methods:
         counts[method] = {}
         for kind, k in (("head", k_heads), ("neuron", k_neurons)):
-            sel = {t: top_k(study.scores(t, method).heads if kind == "head" else study.scores(t, method).neurons,
-                            k, kind, study.region_mask(kind, "upstream", t)) for t in tasks}
+            sel = {
+                t: top_k(
+                    study.scores(t, method).heads
+                    if kind == "head"
+                    else study.scores(t, method).neurons,
+                    k,
+                    kind,
+                    study.region_mask(kind, "upstream", t),
+                )
+                for t in tasks
+            }
             counts[method][kind] = intersection_counts(sel)
     n = options.restore_neurons
     transfer, rate = [], []
@@ -59,31 +68,63 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         chosen = select(study, source, "neuron", "upstream", options.restore_method, n)
         row = [study.restore_accuracy(target, chosen) for target in tasks]
         transfer.append(row)
-        rate.append([
-            (acc - study.base_accuracy(t)) / gap if (gap := study.instruct_accuracy(t) - study.base_accuracy(t)) else math.nan
-            for acc, t in zip(row, tasks)
-        ])
+        rate.append(
+            [
+                (acc - study.base_accuracy(t)) / gap
+                if (gap := study.instruct_accuracy(t) - study.base_accuracy(t))
+                else math.nan
+                for acc, t in zip(row, tasks)
+            ]
+        )
     short = [t[:10] for t in tasks]
     fig, axes = plt.subplots(len(methods), 2, figsize=(9, 4 * len(methods)), squeeze=False)
     for i, method in enumerate(methods):
-        matrix_panel(axes[i, 0], counts[method]["head"], short, short, f"{method}: top-{k_heads} heads shared", "d")
-        matrix_panel(axes[i, 1], counts[method]["neuron"], short, short, f"{method}: top-{k_neurons} neurons shared", "d")
+        matrix_panel(
+            axes[i, 0],
+            counts[method]["head"],
+            short,
+            short,
+            f"{method}: top-{k_heads} heads shared",
+            "d",
+        )
+        matrix_panel(
+            axes[i, 1],
+            counts[method]["neuron"],
+            short,
+            short,
+            f"{method}: top-{k_neurons} neurons shared",
+            "d",
+        )
     fig.tight_layout()
     figures = [report.figure("cross_task", fig, "overlap_counts")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    matrix_panel(axes[0], transfer, short, short, f"restore top-{n} neurons of row task: accuracy", ".2f")
+    matrix_panel(
+        axes[0], transfer, short, short, f"restore top-{n} neurons of row task: accuracy", ".2f"
+    )
     matrix_panel(axes[1], rate, short, short, "correction rate", ".2f")
     for ax in axes:
         ax.set(ylabel="neurons from", xlabel="tested on")
     fig.tight_layout()
     figures.append(report.figure("cross_task", fig, "transfer"))
     own, other = _diagonal_means(rate)
-    off = [counts[methods[0]]["neuron"][i][j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j]
+    off = [
+        counts[methods[0]]["neuron"][i][j]
+        for i in range(len(tasks))
+        for j in range(len(tasks))
+        if i != j
+    ]
     summary = (
         f"Mean pairwise shared top-{k_neurons} neurons ({methods[0]}): {sum(off) / max(len(off), 1):.1f} of "
         f"{k_neurons}; restoring a task's top-{n} upstream WP neurons: mean correction rate on its own task "
         f"{own:.2f} vs {other:.2f} on the others (tasks whose base and instruct differ)."
     )
-    data = {"tasks": tasks, "counts": counts, "restore_accuracy": transfer, "correction_rate": rate,
-            "restore_neurons": n}
-    return AnalysisResult("cross_task", "Cross-task structure (Fig. 13, 14)", data, figures, summary)
+    data = {
+        "tasks": tasks,
+        "counts": counts,
+        "restore_accuracy": transfer,
+        "correction_rate": rate,
+        "restore_neurons": n,
+    }
+    return AnalysisResult(
+        "cross_task", "Cross-task structure (Fig. 13, 14)", data, figures, summary
+    )

@@ -52,15 +52,23 @@ def measure(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float, int
 def _plot(data: dict) -> plt.Figure:
     tasks = list(data)
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, (key, label, scale) in zip(axes[:2], (("seconds", "time (s)", 1.0), ("peak_bytes", "peak memory (MiB)", 2**20))):
+    for ax, (key, label, scale) in zip(
+        axes[:2], (("seconds", "time (s)", 1.0), ("peak_bytes", "peak memory (MiB)", 2**20))
+    ):
         for i, method in enumerate(("wp", "wp_attr")):
-            ax.bar([t + 0.4 * i for t in range(len(tasks))], [data[t][method][key] / scale for t in tasks], 0.4,
-                   label="exact WP" if method == "wp" else "WP-attr")
+            ax.bar(
+                [t + 0.4 * i for t in range(len(tasks))],
+                [data[t][method][key] / scale for t in tasks],
+                0.4,
+                label="exact WP" if method == "wp" else "WP-attr",
+            )
         ax.set_xticks([t + 0.2 for t in range(len(tasks))], tasks, fontsize=7)
         ax.set(ylabel=label, yscale="log" if key == "seconds" else "linear")
         ax.legend(fontsize=8)
     for i, key in enumerate(("head_overlap", "neuron_overlap")):
-        axes[2].bar([t + 0.4 * i for t in range(len(tasks))], [data[t][key] for t in tasks], 0.4, label=key)
+        axes[2].bar(
+            [t + 0.4 * i for t in range(len(tasks))], [data[t][key] for t in tasks], 0.4, label=key
+        )
     axes[2].set_xticks([t + 0.2 for t in range(len(tasks))], tasks, fontsize=7)
     axes[2].set(ylabel="top-k overlap", ylim=(0, 1.05))
     axes[2].legend(fontsize=8)
@@ -83,17 +91,25 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         row: dict = {}
         maps = {}
         for method in ("wp", "wp_attr"):
-            scores, seconds, peak = measure(lambda m=method, t=task: api.score(study, t, m, "anchor"), study.config.device)
+            scores, seconds, peak = measure(
+                lambda m=method, t=task: api.score(study, t, m, "anchor"), study.config.device
+            )
             study.remember(task, method, "anchor", scores)
             maps[method] = scores
             row[method] = {"seconds": seconds, "peak_bytes": peak}
         mask_h = study.region_mask("head", "upstream", task)
         mask_n = study.region_mask("neuron", "upstream", task)
-        row["head_overlap"] = overlap(top_k(maps["wp"].heads, k_heads, "head", mask_h),
-                                      top_k(maps["wp_attr"].heads, k_heads, "head", mask_h))
-        row["neuron_overlap"] = overlap(top_k(maps["wp"].neurons, k_neurons, "neuron", mask_n),
-                                        top_k(maps["wp_attr"].neurons, k_neurons, "neuron", mask_n))
-        row["head_chance"] = k_heads / max(int(mask_h.sum()), 1)  # two random k-sets of the same pool
+        row["head_overlap"] = overlap(
+            top_k(maps["wp"].heads, k_heads, "head", mask_h),
+            top_k(maps["wp_attr"].heads, k_heads, "head", mask_h),
+        )
+        row["neuron_overlap"] = overlap(
+            top_k(maps["wp"].neurons, k_neurons, "neuron", mask_n),
+            top_k(maps["wp_attr"].neurons, k_neurons, "neuron", mask_n),
+        )
+        row["head_chance"] = k_heads / max(
+            int(mask_h.sum()), 1
+        )  # two random k-sets of the same pool
         row["neuron_chance"] = k_neurons / max(int(mask_n.sum()), 1)
         data[task] = row
     mean = lambda key: sum(r[key] for r in data.values()) / len(data)
@@ -106,4 +122,6 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         f"({study.config.device}, {len(study.score_examples(study.config.main_task))} examples per task)."
     )
     figures = [report.figure("fidelity", _plot(data), "fidelity")]
-    return AnalysisResult("fidelity", "Fidelity of WP-attr to exact WP (Table 2)", data, figures, summary)
+    return AnalysisResult(
+        "fidelity", "Fidelity of WP-attr to exact WP (Table 2)", data, figures, summary
+    )

@@ -54,8 +54,17 @@ def recover_circuit(
     nodes: dict[str, dict] = {}
 
     def node(c: Component, role: str, **scores: float) -> None:
-        entry = nodes.setdefault(str(c), {"id": str(c), "kind": c.kind, "layer": c.layer, "index": c.index,
-                                          "roles": [], "scores": {}})
+        entry = nodes.setdefault(
+            str(c),
+            {
+                "id": str(c),
+                "kind": c.kind,
+                "layer": c.layer,
+                "index": c.index,
+                "roles": [],
+                "scores": {},
+            },
+        )
         if role not in entry["roles"]:
             entry["roles"].append(role)
         entry["scores"].update(scores)
@@ -72,7 +81,9 @@ def recover_circuit(
         "edges": edges,
         "candidates": len({s for s, _ in candidates}),
         "validated_sources": len({e["source"] for e in edges}),
-        "rejected_by_tau_w": sorted(str(s) for s in {s for s, _ in candidates} if e_w.get(s, float("-inf")) <= tau_w),
+        "rejected_by_tau_w": sorted(
+            str(s) for s in {s for s, _ in candidates} if e_w.get(s, float("-inf")) <= tau_w
+        ),
     }
 
 
@@ -94,20 +105,39 @@ def plot_circuit(circuit: dict, anchor_layer: int, layers: int, max_edges: int) 
     peak = max((e["e_link"] for e in edges), default=1.0) or 1.0
     for e in edges:
         (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
-        ax.annotate("", (x1, y1), (x0, y0), arrowprops={"arrowstyle": "->", "color": "grey",
-                                                        "alpha": 0.2 + 0.8 * e["e_link"] / peak, "lw": 0.8})
+        ax.annotate(
+            "",
+            (x1, y1),
+            (x0, y0),
+            arrowprops={
+                "arrowstyle": "->",
+                "color": "grey",
+                "alpha": 0.2 + 0.8 * e["e_link"] / peak,
+                "lw": 0.8,
+            },
+        )
     for n in circuit["nodes"]:
         x, y = pos[n["id"]]
         colour = ROLE_COLOURS[n["roles"][0]]
-        ax.scatter([x], [y], s=60, color=colour, marker="o" if n["kind"] == "neuron" else "s", zorder=3,
-                   edgecolors="black" if len(n["roles"]) > 1 else colour)
+        ax.scatter(
+            [x],
+            [y],
+            s=60,
+            color=colour,
+            marker="o" if n["kind"] == "neuron" else "s",
+            zorder=3,
+            edgecolors="black" if len(n["roles"]) > 1 else colour,
+        )
         ax.annotate(n["id"], (x, y), fontsize=5, xytext=(3, 3), textcoords="offset points")
     ax.axvline(anchor_layer + 0.75, color="black", ls="--", lw=0.8)
     ax.text(anchor_layer + 0.8, ax.get_ylim()[1], "anchor", fontsize=7, va="top")
     for role, colour in ROLE_COLOURS.items():
         ax.scatter([], [], color=colour, label=role)
-    ax.set(xlabel="layer (squares: heads, circles: neurons)", yticks=[],
-           title=f"recovered circuit ({len(edges)} of {len(circuit['edges'])} links drawn)")
+    ax.set(
+        xlabel="layer (squares: heads, circles: neurons)",
+        yticks=[],
+        title=f"recovered circuit ({len(edges)} of {len(circuit['edges'])} links drawn)",
+    )
     ax.set_xlim(-0.5, layers)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
@@ -134,31 +164,54 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         ap = study.scores(task, "ap").heads
         targets = top_k(ap, options.targets, "head", up)
         down = study.downstream_scores(task)
-        execution = (
-            top_k(down.heads, options.execution_heads, "head",
-                  study.region_mask("head", "downstream", task))
-            + top_k(down.neurons, options.execution_neurons, "neuron",
-                    study.region_mask("neuron", "downstream", task))
+        execution = top_k(
+            down.heads,
+            options.execution_heads,
+            "head",
+            study.region_mask("head", "downstream", task),
+        ) + top_k(
+            down.neurons,
+            options.execution_neurons,
+            "neuron",
+            study.region_mask("neuron", "downstream", task),
         )
         circuit = recover_circuit(
-            targets, study.links(task, targets), lambda cs, t=task: study.exact_wp(t, cs), execution,
-            options.suppliers, tuple(options.supplier_kinds), options.tau_w, options.tau_link,
+            targets,
+            study.links(task, targets),
+            lambda cs, t=task: study.exact_wp(t, cs),
+            execution,
+            options.suppliers,
+            tuple(options.supplier_kinds),
+            options.tau_w,
+            options.tau_link,
             {t: float(ap[t.layer, t.index]) for t in targets},
-            {c: float((down.heads if c.kind == "head" else down.neurons)[c.layer, c.index]) for c in execution},
+            {
+                c: float((down.heads if c.kind == "head" else down.neurons)[c.layer, c.index])
+                for c in execution
+            },
         )
-        circuit.update(task=task, anchor_layer=study.anchor_layer(task),
-                       thresholds={"tau_w": options.tau_w, "tau_link": options.tau_link})
+        circuit.update(
+            task=task,
+            anchor_layer=study.anchor_layer(task),
+            thresholds={"tau_w": options.tau_w, "tau_link": options.tau_link},
+        )
         write_json(report.folder("hierarchy") / f"circuit_{task}.json", circuit)
         data[task] = {k: circuit[k] for k in ("candidates", "validated_sources", "anchor_layer")}
-        data[task]["source_layers"] = sorted({n["layer"] for n in circuit["nodes"] if "source" in n["roles"]})
+        data[task]["source_layers"] = sorted(
+            {n["layer"] for n in circuit["nodes"] if "source" in n["roles"]}
+        )
         data[task]["aggregation_layers"] = sorted({t.layer for t in targets})
-        fig = plot_circuit(circuit, study.anchor_layer(task), study.shape.num_hidden_layers,
-                           options.draw_edges)
+        fig = plot_circuit(
+            circuit, study.anchor_layer(task), study.shape.num_hidden_layers, options.draw_edges
+        )
         figures.append(report.figure("hierarchy", fig, f"circuit_{task}"))
-    summary = "; ".join(
-        f"{t}: {d['validated_sources']}/{d['candidates']} supplier candidates validated as sources "
-        f"(layers {d['source_layers']}), aggregation heads in layers {d['aggregation_layers']}, anchor "
-        f"{d['anchor_layer']}"
-        for t, d in data.items()
-    ) + ". Circuits: hierarchy/circuit_<task>.json."
+    summary = (
+        "; ".join(
+            f"{t}: {d['validated_sources']}/{d['candidates']} supplier candidates validated as sources "
+            f"(layers {d['source_layers']}), aggregation heads in layers {d['aggregation_layers']}, anchor "
+            f"{d['anchor_layer']}"
+            for t, d in data.items()
+        )
+        + ". Circuits: hierarchy/circuit_<task>.json."
+    )
     return AnalysisResult("hierarchy", "Hierarchy recovery (§7)", data, figures, summary)

@@ -14,7 +14,11 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
     """WP (or `method`) under the anchor utility vs under the KL utility, per task."""
     method = options.method
     return run_comparison(
-        study, report, options, "kl_vs_anchor", "Anchor vs KL utility (Fig. 37/38)",
+        study,
+        report,
+        options,
+        "kl_vs_anchor",
+        "Anchor vs KL utility (Fig. 37/38)",
         lambda t: (study.scores(t, method, "anchor"), study.scores(t, method, "kl")),
         ("anchor", "KL"),
     )

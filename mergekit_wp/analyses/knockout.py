@@ -82,10 +82,18 @@ def curves(study, task: str, options: Options) -> dict:
     ks = {"head": sorted(options.heads), "neuron": neuron_counts(study, options.neuron_fractions)}
     methods = [m for m in METHODS if m in options.methods]
     out: dict = {"k": ks}
-    jobs = [(r, kind, mode, m) for r in options.regions for kind in ("head", "neuron")
-            for mode in options.modes for m in methods]
+    jobs = [
+        (r, kind, mode, m)
+        for r in options.regions
+        for kind in ("head", "neuron")
+        for mode in options.modes
+        for m in methods
+    ]
     for region, kind, mode, method in tqdm(jobs, desc=f"knockout/restore {task}", leave=False):
-        accs = [behaviour(study, task, mode, select(study, task, kind, region, method, k)) for k in ks[kind]]
+        accs = [
+            behaviour(study, task, mode, select(study, task, kind, region, method, k))
+            for k in ks[kind]
+        ]
         out.setdefault(region, {}).setdefault(kind, {}).setdefault(mode, {})[method] = accs
     return out
 
@@ -94,14 +102,21 @@ def plot_curves(numbers: dict, base: float, instruct: float, task: str) -> plt.F
     regions = [r for r in ("upstream", "downstream") if r in numbers]
     modes = [m for m in ("knockout", "restore") if m in numbers[regions[0]]["head"]]
     cols = [(kind, mode) for kind in ("head", "neuron") for mode in modes]
-    fig, axes = plt.subplots(len(regions), len(cols), figsize=(3.3 * len(cols), 2.9 * len(regions)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(regions), len(cols), figsize=(3.3 * len(cols), 2.9 * len(regions)), squeeze=False
+    )
     for i, region in enumerate(regions):
         for j, (kind, mode) in enumerate(cols):
             ax = axes[i, j]
             for method, accs in numbers[region][kind][mode].items():
-                ax.plot(numbers["k"][kind], accs, marker="o", ms=3, label=method,
-                        ls=":" if method == "random" else "-")
+                ax.plot(
+                    numbers["k"][kind],
+                    accs,
+                    marker="o",
+                    ms=3,
+                    label=method,
+                    ls=":" if method == "random" else "-",
+                )
             ax.axhline(base, color="brown", lw=0.8, ls="--", label="base")
             ax.axhline(instruct, color="navy", lw=0.8, ls="--", label="instruct")
             ax.set(title=f"{region} {kind} {mode}", xlabel=f"top-k {kind}s", ylim=(-0.05, 1.05))
@@ -118,7 +133,10 @@ def ladder(study, task: str) -> dict[str, dict[Mode, float]]:
     out: dict[str, dict[Mode, float]] = {}
     for label, kinds, groups in LADDER:
         chosen = [c for kind in kinds for c in study.shape.components(kind)]
-        out[label] = {mode: study.swap_accuracy(task, mode, chosen, groups) for mode in ("restore", "knockout")}
+        out[label] = {
+            mode: study.swap_accuracy(task, mode, chosen, groups)
+            for mode in ("restore", "knockout")
+        }
     return out
 
 
@@ -126,10 +144,14 @@ def plot_ladder(rows: dict[str, dict[str, dict[Mode, float]]]) -> plt.Figure:
     tasks = list(rows)
     sets = [label for label, _, _ in LADDER]
     fig, axes = plt.subplots(1, 2, figsize=(4 + 1.1 * len(tasks), 3.8))
-    for ax, mode, title in ((axes[0], "restore", "restore into the base"),
-                            (axes[1], "knockout", "knock out of the instruct model")):
+    for ax, mode, title in (
+        (axes[0], "restore", "restore into the base"),
+        (axes[1], "knockout", "knock out of the instruct model"),
+    ):
         values = [[rows[t][label][mode] for t in tasks] for label in sets]
-        matrix_panel(ax, values, sets, [t[:10] for t in tasks], f"{title}: IFEval strict acc", ".1f")
+        matrix_panel(
+            ax, values, sets, [t[:10] for t in tasks], f"{title}: IFEval strict acc", ".1f"
+        )
     fig.tight_layout()
     return fig
 
@@ -151,9 +173,17 @@ def plot_top_fraction(rows: dict, fraction: float) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(1.6 * len(tasks) + 2, 3.6))
     width = 0.8 / len(labels)
     for i, label in enumerate(labels):
-        ax.bar([t + i * width for t in range(len(tasks))], [rows[t][label] for t in tasks], width, label=label)
+        ax.bar(
+            [t + i * width for t in range(len(tasks))],
+            [rows[t][label] for t in tasks],
+            width,
+            label=label,
+        )
     ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=7, rotation=15)
-    ax.set(ylabel="IFEval strict acc", title=f"restore top {fraction:.0%} heads + neurons into the base")
+    ax.set(
+        ylabel="IFEval strict acc",
+        title=f"restore top {fraction:.0%} heads + neurons into the base",
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -168,7 +198,9 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         base, inst = study.base_accuracy(task), study.instruct_accuracy(task)
         numbers.update(base=base, instruct=inst)
         data["curves"][task] = numbers
-        figures.append(report.figure("knockout", plot_curves(numbers, base, inst, task), f"curves_{task}"))
+        figures.append(
+            report.figure("knockout", plot_curves(numbers, base, inst, task), f"curves_{task}")
+        )
     fraction = options.top_fraction
     for task in study.tasks:
         row = {"base": study.base_accuracy(task), "instruct": study.instruct_accuracy(task)}
@@ -177,12 +209,18 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
             row[f"restore {method}"] = study.restore_accuracy(task, chosen)
             data.setdefault("top_fraction_sets", {}).setdefault(task, {})[method] = as_names(chosen)
         data["top_fraction"][task] = row
-    figures.append(report.figure("knockout", plot_top_fraction(data["top_fraction"], fraction), "top_fraction"))
+    figures.append(
+        report.figure("knockout", plot_top_fraction(data["top_fraction"], fraction), "top_fraction")
+    )
     if options.ladder:
-        data["ladder"] = {task: ladder(study, task) for task in tqdm(study.tasks, desc="whole sets", leave=False)}
+        data["ladder"] = {
+            task: ladder(study, task) for task in tqdm(study.tasks, desc="whole sets", leave=False)
+        }
         figures.append(report.figure("knockout", plot_ladder(data["ladder"]), "ladder"))
     data["summary_numbers"] = _summary_numbers(data)
-    return AnalysisResult("knockout", "Knockout and restore (Fig. 8, 16)", data, figures, _summary(data))
+    return AnalysisResult(
+        "knockout", "Knockout and restore (Fig. 8, 16)", data, figures, _summary(data)
+    )
 
 
 def _summary_numbers(data: dict) -> dict:
@@ -211,12 +249,21 @@ def _summary(data: dict) -> str:
     top = data["top_fraction"]
     wp_wins = sum(r.get("restore wp", 0) > r.get("restore ap", 0) for r in top.values())
     gains = [r.get("restore wp", 0) - r["base"] for r in top.values()]
-    text = ("Mean accuracy over the k values: " + "; ".join(parts) + ". Top-fraction restore: WP beats AP "
-            f"on {wp_wins}/{len(top)} tasks, WP's mean gain over the base {sum(gains) / len(gains):+.2f}.")
+    text = (
+        "Mean accuracy over the k values: "
+        + "; ".join(parts)
+        + ". Top-fraction restore: WP beats AP "
+        f"on {wp_wins}/{len(top)} tasks, WP's mean gain over the base {sum(gains) / len(gains):+.2f}."
+    )
     if "ladder" in data:
         ladder_rows = data["ladder"].values()
-        reached = sum(r["all heads + neurons"]["restore"] >= top[t]["instruct"] for t, r in data["ladder"].items())
+        reached = sum(
+            r["all heads + neurons"]["restore"] >= top[t]["instruct"]
+            for t, r in data["ladder"].items()
+        )
         mean = sum(r["all heads + neurons"]["restore"] for r in ladder_rows) / len(ladder_rows)
-        text += (f" Restoring all heads + neurons reaches the instruct model's accuracy on {reached}/{len(top)} "
-                 f"tasks (mean {mean:.2f}).")
+        text += (
+            f" Restoring all heads + neurons reaches the instruct model's accuracy on {reached}/{len(top)} "
+            f"tasks (mean {mean:.2f})."
+        )
     return text

@@ -34,15 +34,18 @@ def read_roles(shape: ModelShape, target: Component) -> list[tuple[TensorRole, i
     """The read-side projections of a target and the unit index it owns in each."""
     if target.kind == "head":
         group = shape.group_of_head(target.index)
-        return [(r, target.index if r.unit == "head" else group)
-                for r in shape.roles() if not r.writes_residual and r.unit in ("head", "kv_group")]
+        return [
+            (r, target.index if r.unit == "head" else group)
+            for r in shape.roles()
+            if not r.writes_residual and r.unit in ("head", "kv_group")
+        ]
     return [(r, target.index) for r in shape.roles("neuron") if not r.writes_residual]
 
 
 def _add_read(delta: torch.Tensor, weight: torch.Tensor, rows: slice) -> Any:
     def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         extra = torch.zeros_like(output)
-        extra[..., rows] = (delta.to(output.dtype) @ weight[rows].T.to(output.dtype))
+        extra[..., rows] = delta.to(output.dtype) @ weight[rows].T.to(output.dtype)
         return output + extra
 
     return hook
@@ -56,25 +59,37 @@ def need_directions(
     b, t = batch.input_ids.shape
     device = base.get_input_embeddings().weight.device
     dtype = base.get_input_embeddings().weight.dtype
-    deltas = {c: torch.zeros(b, t, shape.hidden_size, device=device, dtype=dtype, requires_grad=True)
-              for c in targets}
+    deltas = {
+        c: torch.zeros(b, t, shape.hidden_size, device=device, dtype=dtype, requires_grad=True)
+        for c in targets
+    }
     with ExitStack() as stack, torch.enable_grad():
         for target, delta in deltas.items():
             for role, unit in read_roles(shape, target):
                 module = base.get_submodule(shape.module_path(target.layer, role))
                 rows = shape.unit_slice(role, unit, 1)[0]
-                handle = module.register_forward_hook(_add_read(delta, module.weight.detach(), rows))
+                handle = module.register_forward_hook(
+                    _add_read(delta, module.weight.detach(), rows)
+                )
                 stack.callback(handle.remove)
         values = anchor_utility(base, batch)
         grads = torch.autograd.grad(values.sum(), list(deltas.values()), allow_unused=True)
-    return {c: (g.detach() if g is not None else torch.zeros_like(d)) for (c, d), g in zip(deltas.items(), grads)}
+    return {
+        c: (g.detach() if g is not None else torch.zeros_like(d))
+        for (c, d), g in zip(deltas.items(), grads)
+    }
 
 
 class NeedUtility:
     """F_need(M, x) = Σ_t <Ψ_t(M, x), g_need_t(x)> for one target; g_need cached per batch."""
 
-    def __init__(self, target: Component, anchor_utility: Utility, base: nn.Module,
-                 targets: list[Component] | None = None) -> None:
+    def __init__(
+        self,
+        target: Component,
+        anchor_utility: Utility,
+        base: nn.Module,
+        targets: list[Component] | None = None,
+    ) -> None:
         self.target = target
         self.name = f"need:{target}"
         self.anchor_utility = anchor_utility
@@ -88,7 +103,9 @@ class NeedUtility:
     def need(self, batch: TokenBatch) -> torch.Tensor:
         key = ("need", self.target)
         if key not in batch.cache:
-            for c, g in need_directions(self.base, batch, self.anchor_utility, self.targets).items():
+            for c, g in need_directions(
+                self.base, batch, self.anchor_utility, self.targets
+            ).items():
                 batch.cache[("need", c)] = g
         return batch.cache[key]
 
@@ -106,8 +123,12 @@ class NeedUtility:
         handle = module.register_forward_pre_hook(grab)
         device = model.get_input_embeddings().weight.device
         try:
-            model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                  position_ids=batch.position_ids.to(device), use_cache=False)
+            model(
+                input_ids=batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                position_ids=batch.position_ids.to(device),
+                use_cache=False,
+            )
         except _Stop:
             pass
         finally:
@@ -131,9 +152,17 @@ def link_strengths(
     neuron target also the heads of its own layer).
     """
     shape = model_shape(base)
-    totals = {t: {"heads": torch.zeros(shape.num_hidden_layers, shape.num_attention_heads, dtype=torch.float64),
-                  "neurons": torch.zeros(shape.num_hidden_layers, shape.intermediate_size, dtype=torch.float64)}
-              for t in targets}
+    totals = {
+        t: {
+            "heads": torch.zeros(
+                shape.num_hidden_layers, shape.num_attention_heads, dtype=torch.float64
+            ),
+            "neurons": torch.zeros(
+                shape.num_hidden_layers, shape.intermediate_size, dtype=torch.float64
+            ),
+        }
+        for t in targets
+    }
     count = 0
     for batch in batches:
         _, _, weights = batch_context(base, sft, batch, anchor_utility, gap_floor)

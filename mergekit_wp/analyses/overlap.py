@@ -75,9 +75,16 @@ def _plot(table: dict, k: int, null: dict | None) -> plt.Figure:
     for ax, variant in zip(axes, ("signed", "absolute")):
         for i, (label, source, hatch) in enumerate(bars):
             stat = label.split()[-1]
-            ax.bar([t + width * i for t in range(len(tasks))], [source[t][variant][str(k)][stat] for t in tasks],
-                   width, label=label, hatch=hatch)
-        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=7, rotation=15)
+            ax.bar(
+                [t + width * i for t in range(len(tasks))],
+                [source[t][variant][str(k)][stat] for t in tasks],
+                width,
+                label=label,
+                hatch=hatch,
+            )
+        ax.set_xticks(
+            [t + 0.4 - width / 2 for t in range(len(tasks))], tasks, fontsize=7, rotation=15
+        )
         ax.set(title=f"{variant} rankings, WP top-{k}", ylabel="intersection rate")
     # One legend below both panels: inside, it covered the last task's bars.
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(bars), fontsize=8)
@@ -93,20 +100,27 @@ def overlap_table(study, task: str, n_targets: int, suppliers: int, ks: list[int
     wp = study.scores(task, "wp").neurons
     wp_mask = study.region_mask("neuron", "upstream", task)
     return {
-        variant: {str(k): traced_overlaps(links, wp, wp_mask, suppliers, k, variant == "absolute") for k in ks}
+        variant: {
+            str(k): traced_overlaps(links, wp, wp_mask, suppliers, k, variant == "absolute")
+            for k in ks
+        }
         for variant in ("signed", "absolute")
     }
 
 
 def _means(table: dict, k: int) -> dict:
     stats = ("max", "top5_avg", "top20_avg", "chance")
-    return {v: {s: _nanmean([table[t][v][str(k)][s] for t in table]) for s in stats} for v in ("signed", "absolute")}
+    return {
+        v: {s: _nanmean([table[t][v][str(k)][s] for t in table]) for s in stats}
+        for v in ("signed", "absolute")
+    }
 
 
 def _describe(avg: dict) -> str:
     return "; ".join(
         f"{v}: Max {a['max']:.2f} / Top-5 Avg {a['top5_avg']:.2f} / Top-20 Avg {a['top20_avg']:.2f} "
-        f"(chance {a['chance']:.2f})" for v, a in avg.items()
+        f"(chance {a['chance']:.2f})"
+        for v, a in avg.items()
     )
 
 
@@ -134,11 +148,19 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
     avg = _means(table, k)
     numbers = {"table": table, "mean": avg}
     if math.isnan(avg["signed"]["max"]):
-        summary = "No top AP head has upstream neurons to trace (all sit in layer 0); nothing to compare."
+        summary = (
+            "No top AP head has upstream neurons to trace (all sit in layer 0); nothing to compare."
+        )
     else:
-        summary = (f"Traced top-{suppliers} suppliers of the top-{n_targets} AP heads vs WP top-{k} neurons, "
-                   f"{_describe(avg)} (mean over tasks).")
+        summary = (
+            f"Traced top-{suppliers} suppliers of the top-{n_targets} AP heads vs WP top-{k} neurons, "
+            f"{_describe(avg)} (mean over tasks)."
+        )
     if null is not None:
         numbers |= {"null_table": null, "null_mean": _means(null, k)}
-        summary += f" Null control (noise weight change of equal norm): {_describe(numbers['null_mean'])}."
-    return AnalysisResult("overlap", "Traced vs WP-ranked neurons (Table 1/8)", numbers, [fig], summary)
+        summary += (
+            f" Null control (noise weight change of equal norm): {_describe(numbers['null_mean'])}."
+        )
+    return AnalysisResult(
+        "overlap", "Traced vs WP-ranked neurons (Table 1/8)", numbers, [fig], summary
+    )

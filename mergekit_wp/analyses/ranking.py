@@ -51,9 +51,7 @@ def random_k(
 ) -> list[Component]:
     """k components drawn uniformly without replacement (inside `mask`), reproducibly."""
     allowed = (
-        torch.arange(n_layers * units)
-        if mask is None
-        else mask.flatten().nonzero().squeeze(1)
+        torch.arange(n_layers * units) if mask is None else mask.flatten().nonzero().squeeze(1)
     )
     generator = torch.Generator().manual_seed(seed)
     pick = allowed[torch.randperm(allowed.numel(), generator=generator)[: min(k, allowed.numel())]]

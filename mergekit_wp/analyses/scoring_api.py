@@ -17,7 +17,16 @@ from mergekit_wp.scoring.inputs import Example, make_batches
 from mergekit_wp.scoring.patching import ablate, patched, patched_tensors, restore
 from mergekit_wp.scoring.utility import AnchorUtility, KLUtility
 
-__all__ = ["ablate", "batches", "ifeval_accuracy", "patched", "patched_tensors", "restore", "score", "utility"]
+__all__ = [
+    "ablate",
+    "batches",
+    "ifeval_accuracy",
+    "patched",
+    "patched_tensors",
+    "restore",
+    "score",
+    "utility",
+]
 
 
 def utility(study, task: str, name: str) -> Any:
@@ -38,7 +47,9 @@ def batches(study, task: str, name: str) -> list[TokenBatch]:
     prompts = [render_chat(study.tokenizer, e.prompt) for e in paired]
     responses: list[str | None] = [None] * len(prompts)
     if name == "kl":
-        responses = generate(study.instruct, study.tokenizer, prompts, study.config.max_new_tokens, size)
+        responses = generate(
+            study.instruct, study.tokenizer, prompts, study.config.max_new_tokens, size
+        )
     examples = [Example(str(e.key), p, r) for e, p, r in zip(paired, prompts, responses)]
     return make_batches(study.tokenizer, examples, size)
 
@@ -56,15 +67,31 @@ def exact_wp(study, task: str, components: list[Component]) -> dict[Component, f
     for c in components:
         plans.setdefault(c.kind, {}).setdefault(c.layer, []).append(c.index)
     found = _scores(study, task, "anchor", ["wp"], exact_plans=plans).maps["wp"]
-    return {c: float((found.heads if c.kind == "head" else found.neurons)[c.layer, c.index]) for c in components}
+    return {
+        c: float((found.heads if c.kind == "head" else found.neurons)[c.layer, c.index])
+        for c in components
+    }
 
 
-def _scores(study, task: str, name: str, methods: list[str], granularity: GranularityConfig | None = None,
-            exact_plans: dict[str, dict[int, list[int]]] | None = None):
+def _scores(
+    study,
+    task: str,
+    name: str,
+    methods: list[str],
+    granularity: GranularityConfig | None = None,
+    exact_plans: dict[str, dict[int, list[int]]] | None = None,
+):
     return score_maps(
-        study.pair, study.batches(task, name), study.utility(task, name), methods,
-        granularity=granularity, exact_plans=exact_plans, gap_floor=study.config.gap_floor,
-        details={"task": task, "source": "mergekit-wp analyze"}, label=f"analysis {task}", quiet=True,
+        study.pair,
+        study.batches(task, name),
+        study.utility(task, name),
+        methods,
+        granularity=granularity,
+        exact_plans=exact_plans,
+        gap_floor=study.config.gap_floor,
+        details={"task": task, "source": "mergekit-wp analyze"},
+        label=f"analysis {task}",
+        quiet=True,
     )
 
 
@@ -72,5 +99,7 @@ def ifeval_accuracy(study, model: nn.Module, task: str) -> float:
     """IFEval strict accuracy of greedy responses on the task's evaluation prompts."""
     examples = study.eval_examples(task)
     prompts = [render_chat(study.tokenizer, e.prompt) for e in examples]
-    responses = generate(model, study.tokenizer, prompts, study.config.max_new_tokens, study.config.batch_size)
+    responses = generate(
+        model, study.tokenizer, prompts, study.config.max_new_tokens, study.config.batch_size
+    )
     return _accuracy(responses, examples)

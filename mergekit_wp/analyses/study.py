@@ -31,12 +31,22 @@ from mergekit_wp.scoring.engine import ModelPair
 
 def _fingerprint(config: AnalysisConfig) -> str:
     """Cached anchors and maps are only reused by runs with the same inputs to them."""
-    keys = (config.base, config.instruct, config.scoring_data, config.examples, config.seed, config.dtype,
-            config.max_new_tokens, config.anchor.layer, config.anchor.sweep_layers, config.anchor.sweep_examples,
-            config.anchor.mode,
-            sorted((task, reference_fingerprint(path)) for task, path in config.anchor.files.items()),
-            [reference_fingerprint(resolve_model(m)) for m in (config.base, config.instruct)],
-            reference_fingerprint(resolve_source(config.scoring_data)))
+    keys = (
+        config.base,
+        config.instruct,
+        config.scoring_data,
+        config.examples,
+        config.seed,
+        config.dtype,
+        config.max_new_tokens,
+        config.anchor.layer,
+        config.anchor.sweep_layers,
+        config.anchor.sweep_examples,
+        config.anchor.mode,
+        sorted((task, reference_fingerprint(path)) for task, path in config.anchor.files.items()),
+        [reference_fingerprint(resolve_model(m)) for m in (config.base, config.instruct)],
+        reference_fingerprint(resolve_source(config.scoring_data)),
+    )
     return hashlib.sha256(repr(keys).encode()).hexdigest()[:12]
 
 
@@ -52,7 +62,9 @@ def null_instruct(base: nn.Module, instruct: nn.Module, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     for name, weight in null.named_parameters():
         accumulate = torch.promote_types(weight.dtype, torch.float32)
-        delta = tuned[name][tuple(slice(0, n) for n in weight.shape)].to(accumulate) - weight.to(accumulate)
+        delta = tuned[name][tuple(slice(0, n) for n in weight.shape)].to(accumulate) - weight.to(
+            accumulate
+        )
         noise = torch.randn(weight.shape, generator=generator, dtype=accumulate)
         weight += (noise * (delta.norm() / noise.norm().clamp_min(1e-30))).to(weight.dtype)
     return null
@@ -71,17 +83,24 @@ class Study:
         from transformers import AutoTokenizer
 
         self.config = config
-        load = lambda name: load_model(name, config.dtype, config.device,  # the family's attention
-                                       load_shape(resolve_model(name)).family.attn_implementation)
+        load = lambda name: load_model(
+            name,
+            config.dtype,
+            config.device,  # the family's attention
+            load_shape(resolve_model(name)).family.attn_implementation,
+        )
         self.pair = ModelPair.of(
             base if base is not None else load(config.base),
             instruct if instruct is not None else load(config.instruct),
-            config.base, config.instruct, "the analyses compare two checkpoints of one architecture",
+            config.base,
+            config.instruct,
+            "the analyses compare two checkpoints of one architecture",
         )
         self.base, self.instruct, self.shape = self.pair.base, self.pair.model, self.pair.shape
         # The instruct model's tokenizer (its chat template), as `mergekit-wp score` reads x.
         self.tokenizer = tokenizer or shared_tokenizer(
-            AutoTokenizer.from_pretrained(resolve_model(config.instruct)), self.base)
+            AutoTokenizer.from_pretrained(resolve_model(config.instruct)), self.base
+        )
         self.tasks = list(config.tasks)
         self.seed = config.seed
         self.cache = Path(config.output) / "cache" / _fingerprint(config)
@@ -140,16 +159,27 @@ class Study:
         if task in self._anchors:
             return self._anchors[task]
         settings = self.config.anchor
-        path = Path(settings.files[task]) if task in settings.files else self.cache / f"anchor-{task}.safetensors"
+        path = (
+            Path(settings.files[task])
+            if task in settings.files
+            else self.cache / f"anchor-{task}.safetensors"
+        )
         if path.is_file():
             anchor = load_anchor(path)
         else:
             self.score_examples(task)
             anchor = fit_anchor(
-                self.base, self.instruct, self.tokenizer, self._examples[task], self._sweep[task],
-                layers=settings.sweep_layers, fixed_layer=settings.layer,
-                max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
-                mode=settings.mode, task=task,
+                self.base,
+                self.instruct,
+                self.tokenizer,
+                self._examples[task],
+                self._sweep[task],
+                layers=settings.sweep_layers,
+                fixed_layer=settings.layer,
+                max_new_tokens=self.config.max_new_tokens,
+                batch_size=self.config.batch_size,
+                mode=settings.mode,
+                task=task,
             )
             save_anchor(path, anchor)
         self._anchors[task] = anchor
@@ -165,7 +195,9 @@ class Study:
     def region_mask(self, kind: Kind, region: Region, task: str | None = None) -> torch.Tensor:
         """Bool `[L, units]` of the components upstream (<= l_a) or downstream of the task's anchor."""
         layers, units = self.heads_shape if kind == "head" else self.neurons_shape
-        return layer_mask(layers, units, None if region == "all" else self.anchor_layer(task), region)
+        return layer_mask(
+            layers, units, None if region == "all" else self.anchor_layer(task), region
+        )
 
     # --- scores -------------------------------------------------------------------------
     def method_name(self, method: str, utility: str = "anchor") -> str:
@@ -180,7 +212,9 @@ class Study:
         if key in self._scores:
             return self._scores[key]
         given = self.config.scores.files.get(f"{task}/{method}/{utility}")
-        path = Path(given) if given else self.cache / f"scores-{task}-{method}-{utility}.safetensors"
+        path = (
+            Path(given) if given else self.cache / f"scores-{task}-{method}-{utility}.safetensors"
+        )
         if path.is_file():
             scores = read_score_map(path, self.shape)
         else:
@@ -212,17 +246,27 @@ class Study:
 
     def region_scores(self, task: str, method: str, kind: Kind, region: Region) -> torch.Tensor:
         """`[L, units]`: upstream regions use the anchor utility, downstream ones the KL utility."""
-        maps = self.downstream_scores(task, method) if region == "downstream" else self.scores(task, method)
+        maps = (
+            self.downstream_scores(task, method)
+            if region == "downstream"
+            else self.scores(task, method)
+        )
         return maps.heads if kind == "head" else maps.neurons
 
-    def links(self, task: str, targets: list[Component]) -> dict[Component, dict[str, torch.Tensor]]:
+    def links(
+        self, task: str, targets: list[Component]
+    ) -> dict[Component, dict[str, torch.Tensor]]:
         """E_link of every component to each target: `{target: {"heads": [L, H], "neurons": [L, I]}}`."""
         from mergekit_wp.analyses.links import link_strengths
 
         missing = [t for t in targets if (task, t) not in self._links]
         if missing:
             computed = link_strengths(
-                self.base, self.instruct, self.batches(task, "anchor"), self.utility(task, "anchor"), missing,
+                self.base,
+                self.instruct,
+                self.batches(task, "anchor"),
+                self.utility(task, "anchor"),
+                missing,
             )
             self._links.update({(task, t): v for t, v in computed.items()})
         return {t: self._links[(task, t)] for t in targets}
@@ -235,7 +279,10 @@ class Study:
             full = self.scores(task, "wp")
         if full is None:
             return api.exact_wp(self, task, components)
-        return {c: float((full.heads if c.kind == "head" else full.neurons)[c.layer, c.index]) for c in components}
+        return {
+            c: float((full.heads if c.kind == "head" else full.neurons)[c.layer, c.index])
+            for c in components
+        }
 
     def null_control(self) -> Study:
         """The study of (base, `null_instruct`) with this study's anchors, built once."""
@@ -243,13 +290,22 @@ class Study:
             files = {}
             for task in self.tasks:
                 self.anchor(task)
-                files[task] = self.config.anchor.files.get(task, str(self.cache / f"anchor-{task}.safetensors"))
+                files[task] = self.config.anchor.files.get(
+                    task, str(self.cache / f"anchor-{task}.safetensors")
+                )
             name = f"null control (seed {self.seed}) of {reference_fingerprint(resolve_model(self.config.instruct))}"
             config = replace(
-                self.config, instruct=name, anchor=replace(self.config.anchor, files=files),
+                self.config,
+                instruct=name,
+                anchor=replace(self.config.anchor, files=files),
                 scores=replace(self.config.scores, files={}),  # given maps are the real pair's
             )
-            self._null = Study(config, self.base, null_instruct(self.base, self.instruct, self.seed), self.tokenizer)
+            self._null = Study(
+                config,
+                self.base,
+                null_instruct(self.base, self.instruct, self.seed),
+                self.tokenizer,
+            )
         return self._null
 
     # --- behaviour ----------------------------------------------------------------------
@@ -279,16 +335,27 @@ class Study:
         """The instruct model with the base model's slices of `components` (undone on exit)."""
         return api.ablate(self.instruct, self.base, components)
 
-    def swap_accuracy(self, task: str, mode: Literal["restore", "knockout"], components: list[Component],
-                      groups: tuple[TensorGroupName, ...] = ()) -> float:
+    def swap_accuracy(
+        self,
+        task: str,
+        mode: Literal["restore", "knockout"],
+        components: list[Component],
+        groups: tuple[TensorGroupName, ...] = (),
+    ) -> float:
         """Accuracy after a swap of `components` and whole tensor `groups` (memoized: curves revisit sets).
 
         `restore`: the instruct model's values go into the base; `knockout`: the base's into the instruct.
         """
         key = (mode, task, frozenset(components), frozenset(groups))
         if key not in self._patched:
-            target, source = {"restore": (self.base, self.instruct), "knockout": (self.instruct, self.base)}[mode]
-            with api.patched(target, source, components), api.patched_tensors(target, source, groups):
+            target, source = {
+                "restore": (self.base, self.instruct),
+                "knockout": (self.instruct, self.base),
+            }[mode]
+            with (
+                api.patched(target, source, components),
+                api.patched_tensors(target, source, groups),
+            ):
                 self._patched[key] = self.accuracy(target, task)
         return self._patched[key]
 

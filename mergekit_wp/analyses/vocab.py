@@ -32,7 +32,9 @@ def top_tokens(tokenizer, logits: torch.Tensor, k: int) -> list[list[str]]:
     return [[tokenizer.decode([int(i)]) for i in row] for row in ids]
 
 
-def write_back_directions(model: nn.Module, shape: ModelShape, neurons: list[Component]) -> torch.Tensor:
+def write_back_directions(
+    model: nn.Module, shape: ModelShape, neurons: list[Component]
+) -> torch.Tensor:
     """`down_proj[:, j]` of each neuron (its write-back into the residual stream): `[n, d]`."""
     roles = {r.part: r for r in shape.roles("neuron")}
     columns = []
@@ -46,8 +48,13 @@ def _table_figure(rows: list[tuple[str, list[str]]], title: str) -> plt.Figure:
     cells = [[label, "  ".join(repr(t)[1:-1] for t in tokens)] for label, tokens in rows]
     fig, ax = plt.subplots(figsize=(11, 0.35 * len(cells) + 0.9))
     ax.axis("off")
-    table = ax.table(cellText=cells, colLabels=["", "top tokens"], loc="center", cellLoc="left",
-                     colWidths=[0.15, 0.85])
+    table = ax.table(
+        cellText=cells,
+        colLabels=["", "top tokens"],
+        loc="center",
+        cellLoc="left",
+        colWidths=[0.15, 0.85],
+    )
     table.auto_set_font_size(False)
     table.set_fontsize(7)
     ax.set_title(title, fontsize=9)
@@ -79,14 +86,26 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
 
         neurons = top_k(down, n_neurons, "neuron", mask)
         wb = write_back_directions(study.instruct, study.shape, neurons)
-        neuron_tokens = dict(zip(map(str, neurons), top_tokens(study.tokenizer,
-                                                               project_to_vocab(study.instruct, wb), k)))
-        data[task] = {"anchor_layer": anchor.layer, "task_vector": vector_tokens,
-                      "downstream_neurons": neuron_tokens}
-        rows = [(f"layer {layer}" + (" (anchor)" if layer == anchor.layer else ""), toks)
-                for layer, toks in vector_tokens.items()]
+        neuron_tokens = dict(
+            zip(
+                map(str, neurons),
+                top_tokens(study.tokenizer, project_to_vocab(study.instruct, wb), k),
+            )
+        )
+        data[task] = {
+            "anchor_layer": anchor.layer,
+            "task_vector": vector_tokens,
+            "downstream_neurons": neuron_tokens,
+        }
+        rows = [
+            (f"layer {layer}" + (" (anchor)" if layer == anchor.layer else ""), toks)
+            for layer, toks in vector_tokens.items()
+        ]
         rows += [(name, toks) for name, toks in neuron_tokens.items()]
-        figures.append(report.figure("vocab", _table_figure(rows, f"vocabulary projection: {task}"),
-                                     f"vocab_{task}"))
+        figures.append(
+            report.figure(
+                "vocab", _table_figure(rows, f"vocabulary projection: {task}"), f"vocab_{task}"
+            )
+        )
     summary = "Top tokens of task vectors and downstream write-backs; read the tables for cues."
     return AnalysisResult("vocab", "Vocabulary projection (Tables 5-7)", data, figures, summary)

@@ -9,7 +9,10 @@ import click
 
 _OUT = click.Path(dir_okay=False, path_type=Path)
 _LOCAL = click.option(
-    "--from", "local", type=click.Path(dir_okay=False, path_type=Path), default=None,
+    "--from",
+    "local",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
     help="Read this copy of the split's parquet file instead of the hub (no network needed).",
 )
 
@@ -28,12 +31,23 @@ def data() -> None:
 
 @data.command("ifeval")
 @click.argument("out", type=_OUT, default="data/ifeval-paired.jsonl")
-@click.option("--instruction", "-i", "instructions", multiple=True,
-              help="An IFEval instruction id of lm-eval's registry, or a short name of the "
-                   "paper's six; repeat for several (default: the paper's six).")
-@click.option("--per-task", default=200, show_default=True,
-              help="Rows per instruction; scoring splits them into extraction / evaluation halves.")
-@click.option("--seed", default=0, show_default=True, help="Draws requests and instruction arguments.")
+@click.option(
+    "--instruction",
+    "-i",
+    "instructions",
+    multiple=True,
+    help="An IFEval instruction id of lm-eval's registry, or a short name of the "
+    "paper's six; repeat for several (default: the paper's six).",
+)
+@click.option(
+    "--per-task",
+    default=200,
+    show_default=True,
+    help="Rows per instruction; scoring splits them into extraction / evaluation halves.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, help="Draws requests and instruction arguments."
+)
 def ifeval(out: Path, instructions: tuple[str, ...], per_task: int, seed: int) -> None:
     """Paired IFEval prompts (with / without the instruction) over the shipped neutral requests."""
     from mergekit_wp.prompts.ifeval import paired_rows

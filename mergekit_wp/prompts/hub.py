@@ -101,10 +101,16 @@ class HubSource:
 
 
 HUB_SOURCES = {
-    "gsm8k": HubSource("openai/gsm8k", "main", "train", "main/train-00000-of-00001.parquet",
-                       gsm8k_rows),
-    "mbpp": HubSource("google-research-datasets/mbpp", "full", "train",
-                      "full/train-00000-of-00001.parquet", mbpp_rows),
+    "gsm8k": HubSource(
+        "openai/gsm8k", "main", "train", "main/train-00000-of-00001.parquet", gsm8k_rows
+    ),
+    "mbpp": HubSource(
+        "google-research-datasets/mbpp",
+        "full",
+        "train",
+        "full/train-00000-of-00001.parquet",
+        mbpp_rows,
+    ),
 }
 
 

@@ -97,11 +97,13 @@ def paired_rows(instructions: Sequence[str], per_task: int, seed: int = 0) -> li
             request = next(drawn)
             given = dict.fromkeys(needs_request, request)
             description, kwargs = describe_instruction(instruction, rng.randrange(2**32), **given)
-            rows.append({
-                "key": len(rows),
-                "prompt": f"{request} {description}",
-                "prompt_without_instruction": request,
-                "instruction_id_list": [instruction],
-                "kwargs": [kwargs],
-            })
+            rows.append(
+                {
+                    "key": len(rows),
+                    "prompt": f"{request} {description}",
+                    "prompt_without_instruction": request,
+                    "instruction_id_list": [instruction],
+                    "kwargs": [kwargs],
+                }
+            )
     return rows

@@ -152,12 +152,19 @@ def task_vectors(
         raise ValueError("task_vectors needs at least one paired example")
     shape = ModelShape.from_config(sft.config)
     inst = _mean_anchor_states(
-        sft, shape, tokenizer, _render(tokenizer, [e.prompt for e in examples]), batch_size,
+        sft,
+        shape,
+        tokenizer,
+        _render(tokenizer, [e.prompt for e in examples]),
+        batch_size,
         "anchor: instructed",
     )
     removed = _mean_anchor_states(
-        sft, shape, tokenizer,
-        _render(tokenizer, [e.prompt_without_instruction for e in examples]), batch_size,
+        sft,
+        shape,
+        tokenizer,
+        _render(tokenizer, [e.prompt_without_instruction for e in examples]),
+        batch_size,
         "anchor: instruction removed",
     )
     vectors = inst - removed
@@ -224,8 +231,10 @@ def correction_sweep(
     shape = ModelShape.from_config(base.config)
     layers = list(range(shape.num_hidden_layers)) if layers is None else list(layers)
     inst_prompts = _render(tokenizer, [e.prompt for e in evaluation])
-    steer_prompts = inst_prompts if steer_on == "inst" else _render(
-        tokenizer, [e.prompt_without_instruction for e in evaluation]
+    steer_prompts = (
+        inst_prompts
+        if steer_on == "inst"
+        else _render(tokenizer, [e.prompt_without_instruction for e in evaluation])
     )
 
     def accuracy(model: nn.Module, prompts: list[str]) -> float:
@@ -264,7 +273,8 @@ def fit_anchor(
     shape = ModelShape.from_config(sft.config)
     base_shape = ModelShape.from_config(base.config)
     if (base_shape.num_hidden_layers, base_shape.hidden_size) != (
-        shape.num_hidden_layers, shape.hidden_size
+        shape.num_hidden_layers,
+        shape.hidden_size,
     ):
         raise ValueError("base and specialized models differ in layer count or hidden size")
     overlap = {e.key for e in extraction} & {e.key for e in evaluation}
@@ -286,8 +296,18 @@ def fit_anchor(
     if not evaluation:
         raise ValueError("the layer sweep needs evaluation examples (or give fixed_layer)")
     table = correction_sweep(
-        base, sft, tokenizer, evaluation, vectors, lambda_bar, layers,
-        max_new_tokens, batch_size, mode, steer_on, base_tokenizer,
+        base,
+        sft,
+        tokenizer,
+        evaluation,
+        vectors,
+        lambda_bar,
+        layers,
+        max_new_tokens,
+        batch_size,
+        mode,
+        steer_on,
+        base_tokenizer,
     )
     return Anchor(table.best_layer(), vectors, lambda_bar, task, table, len(extraction))
 
@@ -358,8 +378,13 @@ def load_anchor(path: str | Path) -> Anchor:
         raise ValueError(f"{path}: malformed anchor metadata ({error!r})") from None
     _check(str(path), layer, tensors["vectors"], tensors["lambda_bar"])
     return Anchor(
-        layer, tensors["vectors"], tensors["lambda_bar"], metadata.get("task") or None, table,
-        num_extraction, extra,
+        layer,
+        tensors["vectors"],
+        tensors["lambda_bar"],
+        metadata.get("task") or None,
+        table,
+        num_extraction,
+        extra,
     )
 
 
@@ -401,8 +426,14 @@ def format_table(tables: Mapping[str, CorrectionTable]) -> str:
     for task, table in tables.items():
         rates = {row.layer: row.correction_rate for row in table.rows}
         best = table.best_layer()
-        cells = [task, str(table.num_examples), f"{table.acc_base:.3f}", f"{table.acc_inst:.3f}",
-                 str(best), f"{rates[best]:.2f}"]
+        cells = [
+            task,
+            str(table.num_examples),
+            f"{table.acc_base:.3f}",
+            f"{table.acc_inst:.3f}",
+            str(best),
+            f"{rates[best]:.2f}",
+        ]
         cells += [f"{rates.get(l, math.nan):.2f}" for l in layers]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

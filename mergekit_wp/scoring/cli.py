@@ -7,13 +7,21 @@ import click
 
 @click.command("score")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--output", "-o", default=None,
-              help="Output folder (overrides the config's `output`; an anchor file kept under "
-                   "the config's output folder is read and written under this one).")
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    help="Output folder (overrides the config's `output`; an anchor file kept under "
+    "the config's output folder is read and written under this one).",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda or cuda:N (overrides the config).")
-@click.option("--dtype", default=None, help="float32, bfloat16, float16 or float64 (overrides the config).")
+@click.option(
+    "--dtype", default=None, help="float32, bfloat16, float16 or float64 (overrides the config)."
+)
 @click.option("--restart", is_flag=True, help="Drop saved partial results instead of resuming.")
-def score(config: str, output: str | None, device: str | None, dtype: str | None, restart: bool) -> None:
+def score(
+    config: str, output: str | None, device: str | None, dtype: str | None, restart: bool
+) -> None:
     """Score a specialized model's heads and neurons against its base (WP, WP-attr, AP, AP-attr)."""
     import yaml
 
@@ -44,7 +52,9 @@ def score(config: str, output: str | None, device: str | None, dtype: str | None
 
 @click.command("inspect")
 @click.argument("scoremap", type=click.Path(dir_okay=False))
-@click.option("--top-k", "-k", default=20, show_default=True, help="How many heads and neurons to list.")
+@click.option(
+    "--top-k", "-k", default=20, show_default=True, help="How many heads and neurons to list."
+)
 def inspect(scoremap: str, top_k: int) -> None:
     """Print a score map's metadata, totals and top-k heads and neurons."""
     from mergekit_wp.scoremap import ScoreMapError, read_score_map

@@ -46,11 +46,18 @@ class ModelPair:
     model_name: str = "model"
 
     @classmethod
-    def of(cls, base: nn.Module, model: nn.Module, base_name: str = "base", model_name: str = "model",
-           why: str = "Weight Patching compares two checkpoints of one architecture") -> ModelPair:
+    def of(
+        cls,
+        base: nn.Module,
+        model: nn.Module,
+        base_name: str = "base",
+        model_name: str = "model",
+        why: str = "Weight Patching compares two checkpoints of one architecture",
+    ) -> ModelPair:
         shape = ModelShape.from_config(model.config)
         ModelShape.from_config(base.config).check_compatible(
-            shape, f"base {base_name}", f"model {model_name}", why)
+            shape, f"base {base_name}", f"model {model_name}", why
+        )
         return cls(base, model, shape, base_name, model_name)
 
     @property
@@ -91,9 +98,19 @@ class Scores:
 class _Run:
     """One engine run: shared batch contexts, Δθ cache and the ledger of finished steps."""
 
-    def __init__(self, pair: ModelPair, batches: Sequence[TokenBatch], utility: ReadoutUtility,
-                 share: Sequence[int], ledger: RunState, gap_floor: float, max_variant_rows: int,
-                 label: str, quiet: bool, on_step: Callable[[str], None] | None) -> None:
+    def __init__(
+        self,
+        pair: ModelPair,
+        batches: Sequence[TokenBatch],
+        utility: ReadoutUtility,
+        share: Sequence[int],
+        ledger: RunState,
+        gap_floor: float,
+        max_variant_rows: int,
+        label: str,
+        quiet: bool,
+        on_step: Callable[[str], None] | None,
+    ) -> None:
         self.pair, self.batches, self.utility, self.share = pair, batches, utility, share
         self.ledger, self.gap_floor, self.max_variant_rows = ledger, gap_floor, max_variant_rows
         self.label, self.quiet, self.on_step = label, quiet, on_step
@@ -114,8 +131,9 @@ class _Run:
         kept for every batch. A phase that goes on with the batch keeps it (no second expert run).
         """
         if b not in self.contexts:
-            self.contexts[b] = batch_context(self.pair.base, self.pair.model, self.batches[b],
-                                             self.utility, self.gap_floor)
+            self.contexts[b] = batch_context(
+                self.pair.base, self.pair.model, self.batches[b], self.utility, self.gap_floor
+            )
             if not keep_cache:
                 self.batches[b].cache.clear()
         return self.contexts[b]
@@ -125,7 +143,9 @@ class _Run:
         rows = []
         for b in self.share:
             f_base, f_sft, weights = self.context(b)
-            for key, fb, fs, w in zip(self.batches[b].keys, f_base.tolist(), f_sft.tolist(), weights.tolist()):
+            for key, fb, fs, w in zip(
+                self.batches[b].keys, f_base.tolist(), f_sft.tolist(), weights.tolist()
+            ):
                 rows.append({"key": key, "f_base": fb, "f_sft": fs, "gap": fs - fb, "kept": w != 0})
         self.timings["gaps"] = time.perf_counter() - start
         return rows
@@ -146,8 +166,16 @@ class _Run:
                 with torch.no_grad():
                     f_sft = self.utility(model, batch).double().cpu()
                 weights = partial(gap_weights, f_sft=f_sft, gap_floor=self.gap_floor)
-            out = gradient_pass(base, model, batch, self.utility, weights,
-                                "wp_attr" in methods, "ap_attr" in methods, self.deltas)
+            out = gradient_pass(
+                base,
+                model,
+                batch,
+                self.utility,
+                weights,
+                "wp_attr" in methods,
+                "ap_attr" in methods,
+                self.deltas,
+            )
             found = out.pop("utility")
             if b not in self.contexts:
                 self.contexts[b] = (found["f_base"], f_sft, found["weights"])
@@ -159,8 +187,9 @@ class _Run:
         self.deltas.clear()
         self.timings["+".join(methods)] = time.perf_counter() - start
 
-    def exact_plan(self, unit: str, granularity: GranularityConfig,
-                   wp_attr_neurons: torch.Tensor | None) -> dict[int, list[int]]:
+    def exact_plan(
+        self, unit: str, granularity: GranularityConfig, wp_attr_neurons: torch.Tensor | None
+    ) -> dict[int, list[int]]:
         """Layer -> units an exact sweep visits (only layers the utility can see)."""
         shape = self.pair.shape
         layers = range(self.stop + 1)
@@ -177,7 +206,9 @@ class _Run:
         top = torch.topk(visible, min(choice, visible.numel())).indices
         plan: dict[int, list[int]] = {}
         for flat in sorted(top.tolist()):
-            plan.setdefault(flat // shape.intermediate_size, []).append(flat % shape.intermediate_size)
+            plan.setdefault(flat // shape.intermediate_size, []).append(
+                flat % shape.intermediate_size
+            )
         return plan
 
     def exact_phase(self, method: str, plans: ExactPlan) -> None:
@@ -186,9 +217,13 @@ class _Run:
         work = [(b, u, l) for b in self.share for u, plan in plans.items() for l in plan]
         done = lambda b, u, l: f"{method}/{b}/{u}/{l}" in self.ledger.done
         # Progress in components (a layer of 8k neurons moves the bar as it goes), with an ETA.
-        progress = tqdm(total=sum(len(plans[u][l]) for _, u, l in work),
-                        initial=sum(len(plans[u][l]) for b, u, l in work if done(b, u, l)),
-                        desc=f"{self.label}: exact {method}", unit="component", disable=self.quiet)
+        progress = tqdm(
+            total=sum(len(plans[u][l]) for _, u, l in work),
+            initial=sum(len(plans[u][l]) for b, u, l in work if done(b, u, l)),
+            desc=f"{self.label}: exact {method}",
+            unit="component",
+            disable=self.quiet,
+        )
         with progress:
             for b in self.share:
                 todo = [(u, l) for u, plan in plans.items() for l in plan if not done(b, u, l)]
@@ -200,9 +235,21 @@ class _Run:
                 model_in = site_inputs(model, batch, self.stop) if method == "ap" else None
                 for unit, layer in todo:
                     units = plans[unit][layer]
-                    sums = layer_sums(base, model, batch, self.utility, method, unit, layer, units,
-                                      weights, self.max_variant_rows, base_trace, model_in,
-                                      progress.update)
+                    sums = layer_sums(
+                        base,
+                        model,
+                        batch,
+                        self.utility,
+                        method,
+                        unit,
+                        layer,
+                        units,
+                        weights,
+                        self.max_variant_rows,
+                        base_trace,
+                        model_in,
+                        progress.update,
+                    )
                     like = torch.zeros(shape.num_hidden_layers, shape.unit_count(unit))
                     self.ledger.total(f"{method}.{unit}", like)[layer, units] += sums
                     self._commit(f"{method}/{b}/{unit}/{layer}")
@@ -237,15 +284,35 @@ def score_maps(
     resumable, data-parallel runs; by default every batch runs here, in memory.
     """
     granularity = granularity or GranularityConfig()
-    if isinstance(granularity.exact_neurons, int) and "wp_attr" not in methods and exact_plans is None:
-        raise ValueError("granularity.exact_neurons: K picks the top-K by WP-attr; add wp_attr to methods")
+    if (
+        isinstance(granularity.exact_neurons, int)
+        and "wp_attr" not in methods
+        and exact_plans is None
+    ):
+        raise ValueError(
+            "granularity.exact_neurons: K picks the top-K by WP-attr; add wp_attr to methods"
+        )
     share = list(range(len(batches))) if share is None else list(share)
-    run = _Run(pair, batches, utility, share, ledger or RunState(None, ""), gap_floor, max_variant_rows,
-               label, quiet, on_step)
+    run = _Run(
+        pair,
+        batches,
+        utility,
+        share,
+        ledger or RunState(None, ""),
+        gap_floor,
+        max_variant_rows,
+        label,
+        quiet,
+        on_step,
+    )
     started = time.perf_counter()
     run.gradient_phase([m for m in ("wp_attr", "ap_attr") if m in methods])
     rows = run.gaps()
-    kept = int(collective.sum(torch.tensor(float(sum(r["kept"] for r in rows)), dtype=torch.float64)).item())
+    kept = int(
+        collective.sum(
+            torch.tensor(float(sum(r["kept"] for r in rows)), dtype=torch.float64)
+        ).item()
+    )
     rows = collective.gather(rows)
     if kept == 0:
         raise ValueError(
@@ -269,24 +336,39 @@ def score_maps(
     maps: dict[str, ScoreMap] = {}
     if "wp_attr" in methods:
         parts = {name: reduced(f"wp_attr.{name}", t) for name, t in empty_parts(shape).items()}
-        maps["wp_attr"] = ScoreMap.from_parts(shape, parts, method="wp_attr", details=dict(common), **about)
+        maps["wp_attr"] = ScoreMap.from_parts(
+            shape, parts, method="wp_attr", details=dict(common), **about
+        )
     if "ap_attr" in methods:
         maps["ap_attr"] = ScoreMap(
             heads=reduced("ap_attr.heads", heads_like).float(),
             neurons=reduced("ap_attr.neurons", neurons_like).float(),
-            method="ap_attr", num_key_value_heads=shape.num_key_value_heads, details=dict(common), **about)
+            method="ap_attr",
+            num_key_value_heads=shape.num_key_value_heads,
+            details=dict(common),
+            **about,
+        )
     for method in ("wp", "ap"):
         if method not in methods:
             continue
-        wp_attr_neurons = unit_scores(parts)[1] if "wp_attr" in maps else None  # fp64: ties as before
-        plans = exact_plans or {u: run.exact_plan(u, granularity, wp_attr_neurons) for u in ("head", "neuron")}
+        wp_attr_neurons = (
+            unit_scores(parts)[1] if "wp_attr" in maps else None
+        )  # fp64: ties as before
+        plans = exact_plans or {
+            u: run.exact_plan(u, granularity, wp_attr_neurons) for u in ("head", "neuron")
+        }
         run.exact_phase(method, plans)
-        counted = {"heads_scored": sum(len(v) for v in plans.get("head", {}).values()),
-                   "neurons_scored": sum(len(v) for v in plans.get("neuron", {}).values())}
+        counted = {
+            "heads_scored": sum(len(v) for v in plans.get("head", {}).values()),
+            "neurons_scored": sum(len(v) for v in plans.get("neuron", {}).values()),
+        }
         maps[method] = ScoreMap(
             heads=reduced(f"{method}.head", heads_like).float(),
             neurons=reduced(f"{method}.neuron", neurons_like).float(),
-            method=method, num_key_value_heads=shape.num_key_value_heads,
-            details=common | counted, **about)
+            method=method,
+            num_key_value_heads=shape.num_key_value_heads,
+            details=common | counted,
+            **about,
+        )
     run.timings["total"] = time.perf_counter() - started
     return Scores(maps, rows, kept, run.timings)

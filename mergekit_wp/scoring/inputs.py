@@ -23,7 +23,9 @@ class Example:
     response: str | None = None
 
 
-def load_examples(data: DataConfig, tokenizer, sft: nn.Module | None = None, need_responses: bool = False) -> list[Example]:
+def load_examples(
+    data: DataConfig, tokenizer, sft: nn.Module | None = None, need_responses: bool = False
+) -> list[Example]:
     """Examples named by a data config; with `need_responses`, attach the responses KL scores."""
     if data.kind == "paired":
         paired = load_paired(data.source, data.tasks)
@@ -45,8 +47,9 @@ def load_examples(data: DataConfig, tokenizer, sft: nn.Module | None = None, nee
     else:
         if sft is None:
             raise ValueError("generating responses needs the specialized model")
-        responses = generate(sft, tokenizer, prompts, max_new_tokens=data.max_new_tokens,
-                             progress=True)
+        responses = generate(
+            sft, tokenizer, prompts, max_new_tokens=data.max_new_tokens, progress=True
+        )
     return [Example(key, p, r) for (key, _, _), p, r in zip(rows, prompts, responses)]
 
 
@@ -73,7 +76,9 @@ def encode_with_responses(tokenizer, examples: Sequence[Example]) -> TokenBatch:
         if tokenizer.eos_token_id is not None:
             response = response + [tokenizer.eos_token_id]
         if not prompt or not response:
-            raise ValueError(f"example {example.key!r}: empty prompt or response after tokenization")
+            raise ValueError(
+                f"example {example.key!r}: empty prompt or response after tokenization"
+            )
         rows.append(prompt + response)
         starts.append(len(prompt))
     width = max(len(r) for r in rows)
@@ -87,8 +92,9 @@ def encode_with_responses(tokenizer, examples: Sequence[Example]) -> TokenBatch:
         # The logit at position t predicts token t+1: response tokens are predicted from start-1 on.
         response_mask[i, pad + start - 1 : width - 1] = True
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return TokenBatch(input_ids, attention_mask, position_ids, response_mask,
-                      tuple(e.key for e in examples))
+    return TokenBatch(
+        input_ids, attention_mask, position_ids, response_mask, tuple(e.key for e in examples)
+    )
 
 
 def make_batches(tokenizer, examples: Sequence[Example], batch_size: int) -> list[TokenBatch]:

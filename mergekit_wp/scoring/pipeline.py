@@ -43,6 +43,7 @@ from mergekit_wp.scoring.utility import AnchorUtility, KLUtility, ReadoutUtility
 
 log = logging.getLogger(__name__)
 
+
 class _Group:
     """This process's place in a data-parallel run (a group of one without torch.distributed)."""
 
@@ -88,8 +89,10 @@ def resolve_device(device: str, group: _Group) -> str:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device: {device} was asked for, but CUDA is not available here; "
-                         "use device: cpu (or auto)")
+        raise ValueError(
+            f"device: {device} was asked for, but CUDA is not available here; "
+            "use device: cpu (or auto)"
+        )
     if device == "cuda" and group.world > 1:
         device = f"cuda:{group.local_rank}"
     return device
@@ -102,12 +105,19 @@ def fit_anchor_file(config: ScoringConfig, base: nn.Module, sft: nn.Module, toke
 
     data, options = config.data, config.utility
     tokenizer = shared_tokenizer(tokenizer, base)  # the sweep also generates with the base
-    extraction, evaluation = split_paired(load_paired(data.source, data.tasks), data.seed,
-                                          data.extraction_fraction)
+    extraction, evaluation = split_paired(
+        load_paired(data.source, data.tasks), data.seed, data.extraction_fraction
+    )
     anchor = fit_anchor(
-        base, sft, tokenizer, extraction, evaluation[: options.sweep_examples],
-        fixed_layer=options.fixed_layer, max_new_tokens=options.sweep_max_new_tokens,
-        batch_size=config.batch_size, mode=options.sweep_mode,
+        base,
+        sft,
+        tokenizer,
+        extraction,
+        evaluation[: options.sweep_examples],
+        fixed_layer=options.fixed_layer,
+        max_new_tokens=options.sweep_max_new_tokens,
+        batch_size=config.batch_size,
+        mode=options.sweep_mode,
     )
     save_anchor(options.anchor, anchor)
     log.info("anchor fitted at layer %d and saved to %s", anchor.layer, options.anchor)
@@ -143,8 +153,9 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def score(config: ScoringConfig, on_step: Callable[[str], None] | None = None,
-          restart: bool = False) -> ScoreRun:
+def score(
+    config: ScoringConfig, on_step: Callable[[str], None] | None = None, restart: bool = False
+) -> ScoreRun:
     """Score `config.model` against `config.base` with every configured method; write the outputs.
 
     With `utility.downstream`, two runs (anchor utility in `<output>/upstream`, KL utility in
@@ -187,24 +198,45 @@ def output_lock(folder: Path) -> Iterator[None]:
         yield
 
 
-def _score_stages(config: ScoringConfig, on_step: Callable[[str], None] | None,
-                  restart: bool) -> ScoreRun:
+def _score_stages(
+    config: ScoringConfig, on_step: Callable[[str], None] | None, restart: bool
+) -> ScoreRun:
     if config.utility.downstream is None:
         return _score_one(config, on_step, restart)
     out = config.output_dir()
-    upstream = _score_one(config.model_copy(update={
-        "output": str(out / "upstream"), "utility": config.utility.model_copy(update={"downstream": None}),
-    }), on_step, restart, "upstream")
-    downstream = _score_one(config.model_copy(update={
-        "output": str(out / "downstream"), "utility": UtilityConfig(kind=config.utility.downstream),
-    }), on_step, restart, "downstream")
+    upstream = _score_one(
+        config.model_copy(
+            update={
+                "output": str(out / "upstream"),
+                "utility": config.utility.model_copy(update={"downstream": None}),
+            }
+        ),
+        on_step,
+        restart,
+        "upstream",
+    )
+    downstream = _score_one(
+        config.model_copy(
+            update={
+                "output": str(out / "downstream"),
+                "utility": UtilityConfig(kind=config.utility.downstream),
+            }
+        ),
+        on_step,
+        restart,
+        "downstream",
+    )
     if upstream.report_path is None:
         return upstream  # not rank 0 of a data-parallel run
     return write_stitched(config, upstream, downstream)
 
 
-def _score_one(config: ScoringConfig, on_step: Callable[[str], None] | None, restart: bool,
-               stage: str | None = None) -> ScoreRun:
+def _score_one(
+    config: ScoringConfig,
+    on_step: Callable[[str], None] | None,
+    restart: bool,
+    stage: str | None = None,
+) -> ScoreRun:
     """Load the pair, fit the anchor if asked, build batches and run state, score, write (rank 0)."""
     started = time.perf_counter()
     if config.threads:
@@ -213,11 +245,24 @@ def _score_one(config: ScoringConfig, on_step: Callable[[str], None] | None, res
     device = resolve_device(config.device, group)
     # Resolved (and logged) once; both models load in it.
     config = config.model_copy(update={"dtype": resolve_dtype(config.dtype, device)})
-    attention = config.attn_implementation or load_shape(resolve_model(config.base)).family.attn_implementation
-    load = partial(load_model, dtype=config.dtype, device=device, attn_implementation=attention,
-                   device_map=config.device_map)
-    pair = ModelPair.of(load(config.base), load(config.model), config.base, config.model,
-                        "Weight Patching needs same-architecture models")
+    attention = (
+        config.attn_implementation
+        or load_shape(resolve_model(config.base)).family.attn_implementation
+    )
+    load = partial(
+        load_model,
+        dtype=config.dtype,
+        device=device,
+        attn_implementation=attention,
+        device_map=config.device_map,
+    )
+    pair = ModelPair.of(
+        load(config.base),
+        load(config.model),
+        config.base,
+        config.model,
+        "Weight Patching needs same-architecture models",
+    )
     from transformers import AutoTokenizer
 
     # The specialized model's tokenizer carries the chat template; both models read the same x.
@@ -235,26 +280,49 @@ def _score_one(config: ScoringConfig, on_step: Callable[[str], None] | None, res
     batches = make_batches(tokenizer, examples, config.batch_size)
     timings["data"] = time.perf_counter() - start
     settings = config.model_dump(exclude={"output", "top_k"})
-    settings |= {"world": group.world, "rank": group.rank, "version": 1,
-                 "inputs": [config.utility.anchor and reference_fingerprint(config.utility.anchor)]
-                 + [reference_fingerprint(resolve_model(m)) for m in (config.base, config.model)]}
+    settings |= {
+        "world": group.world,
+        "rank": group.rank,
+        "version": 1,
+        "inputs": [config.utility.anchor and reference_fingerprint(config.utility.anchor)]
+        + [reference_fingerprint(resolve_model(m)) for m in (config.base, config.model)],
+    }
     state_path = config.output_dir() / ".state" / f"rank{group.rank}-of-{group.world}.pt"
     if restart:
         state_path.unlink(missing_ok=True)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     scores = score_maps(
-        pair, batches, utility, config.methods, granularity=config.granularity,
-        gap_floor=config.gap_floor, max_variant_rows=config.max_variant_rows,
-        details={"data": config.data.model_dump(), "utility": config.utility.model_dump() | {"layer": utility.layer}},
+        pair,
+        batches,
+        utility,
+        config.methods,
+        granularity=config.granularity,
+        gap_floor=config.gap_floor,
+        max_variant_rows=config.max_variant_rows,
+        details={
+            "data": config.data.model_dump(),
+            "utility": config.utility.model_dump() | {"layer": utility.layer},
+        },
         share=[b for b in range(len(batches)) if b % group.world == group.rank],
-        ledger=RunState(state_path, settings_fingerprint(settings)), collective=group,
-        label=f"scoring {stage}" if stage else "scoring", quiet=group.rank != 0, on_step=on_step,
+        ledger=RunState(state_path, settings_fingerprint(settings)),
+        collective=group,
+        label=f"scoring {stage}" if stage else "scoring",
+        quiet=group.rank != 0,
+        on_step=on_step,
     )
     timings |= scores.timings
     timings["total"] = time.perf_counter() - started
     peak = int(group.max(float(_peak_bytes(device))))
     if group.rank != 0:
         return ScoreRun({}, None, [])
-    return write_outputs(config, scores.maps, scores.gaps, timings, peak, weight_bytes(pair.base),
-                         group.world, device.startswith("cuda"))
+    return write_outputs(
+        config,
+        scores.maps,
+        scores.gaps,
+        timings,
+        peak,
+        weight_bytes(pair.base),
+        group.world,
+        device.startswith("cuda"),
+    )

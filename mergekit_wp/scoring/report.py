@@ -60,13 +60,25 @@ def heatmaps(scores: ScoreMap, stem: Path) -> list[Path]:
     paths = []
     panels = (
         ("heads", scores.heads, "head"),
-        ("neurons", _neuron_bins(scores.neurons), f"neuron bin ({scores.intermediate_size} neurons)"),
+        (
+            "neurons",
+            _neuron_bins(scores.neurons),
+            f"neuron bin ({scores.intermediate_size} neurons)",
+        ),
     )
     for name, values, xlabel in panels:
         limit = float(values.abs().max()) or 1.0
-        fig, ax = plt.subplots(figsize=(max(4.0, values.shape[1] * 0.18 + 2), max(3.0, values.shape[0] * 0.2 + 1.5)))
-        image = ax.imshow(values.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto",
-                          interpolation="nearest")
+        fig, ax = plt.subplots(
+            figsize=(max(4.0, values.shape[1] * 0.18 + 2), max(3.0, values.shape[0] * 0.2 + 1.5))
+        )
+        image = ax.imshow(
+            values.numpy(),
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
+            aspect="auto",
+            interpolation="nearest",
+        )
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
@@ -92,8 +104,11 @@ def _write_maps(out: Path, maps: dict[str, ScoreMap], top_k: int) -> tuple[dict,
         written[method] = write_score_map(out / f"{method}.safetensors", scores)
         pngs = heatmaps(scores, out / method)
         pictures += pngs
-        methods[method] = {"file": str(written[method]), "heatmaps": [str(p) for p in pngs],
-                           "top": top_components(scores, top_k)}
+        methods[method] = {
+            "file": str(written[method]),
+            "heatmaps": [str(p) for p in pngs],
+            "top": top_components(scores, top_k),
+        }
     return written, pictures, methods
 
 
@@ -115,14 +130,25 @@ def stitch(upstream: ScoreMap, downstream: ScoreMap) -> ScoreMap:
         base_model=upstream.base_model,
         model=upstream.model,
         num_key_value_heads=upstream.num_key_value_heads,
-        parts={k: join(v, downstream.parts[k]) for k, v in upstream.parts.items() if k in downstream.parts},
-        details={"stitched_after_layer": layer, "upstream": upstream.details, "downstream": downstream.details},
+        parts={
+            k: join(v, downstream.parts[k])
+            for k, v in upstream.parts.items()
+            if k in downstream.parts
+        },
+        details={
+            "stitched_after_layer": layer,
+            "upstream": upstream.details,
+            "downstream": downstream.details,
+        },
     )
 
 
 def write_stitched(config: ScoringConfig, upstream: ScoreRun, downstream: ScoreRun) -> ScoreRun:
     """The stitched maps of an anchor run and its downstream run, and a report linking both."""
-    maps = {m: stitch(read_score_map(path), read_score_map(downstream.maps[m])) for m, path in upstream.maps.items()}
+    maps = {
+        m: stitch(read_score_map(path), read_score_map(downstream.maps[m]))
+        for m, path in upstream.maps.items()
+    }
     written, pictures, methods = _write_maps(config.output_dir(), maps, config.top_k)
     layer = next(iter(maps.values())).details["stitched_after_layer"]
     report = {
@@ -133,13 +159,17 @@ def write_stitched(config: ScoringConfig, upstream: ScoreRun, downstream: ScoreR
         "methods": methods,
         "upstream_report": str(upstream.report_path),
         "downstream_report": str(downstream.report_path),
-        "timings_s": {"upstream": upstream.report["timings_s"]["total"],
-                      "downstream": downstream.report["timings_s"]["total"]},
+        "timings_s": {
+            "upstream": upstream.report["timings_s"]["total"],
+            "downstream": downstream.report["timings_s"]["total"],
+        },
         "config": config.model_dump(),
     }
     report_path = config.output_dir() / "report.json"
     _write_json(report_path, report)
-    return ScoreRun(written, report_path, upstream.pictures + downstream.pictures + pictures, report)
+    return ScoreRun(
+        written, report_path, upstream.pictures + downstream.pictures + pictures, report
+    )
 
 
 def write_outputs(
@@ -203,5 +233,8 @@ def summary(scores: ScoreMap, k: int = 20) -> str:
         )
     for kind, items in top_components(scores, k).items():
         lines.append(f"top {len(items)} {kind}:")
-        lines += [f"  {i + 1:>3}. {item['component']:<14} {item['score']:+.6g}" for i, item in enumerate(items)]
+        lines += [
+            f"  {i + 1:>3}. {item['component']:<14} {item['score']:+.6g}"
+            for i, item in enumerate(items)
+        ]
     return "\n".join(lines)

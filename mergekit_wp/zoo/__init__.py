@@ -8,9 +8,19 @@ ROOT = Path(__file__).parent
 MODELS_DIR = ROOT / "models"
 DATA_DIR = ROOT / "data"
 MODEL_NAMES = ("base", "instruct", "math", "code")
-DATA_FILES = ("ifeval_train", "ifeval_test", "ifeval_val", "math_train", "math_test",
-              "math_val", "code_train", "code_test", "code_val", "knowledge_test",
-              "corpus_heldout")
+DATA_FILES = (
+    "ifeval_train",
+    "ifeval_test",
+    "ifeval_val",
+    "math_train",
+    "math_test",
+    "math_val",
+    "code_train",
+    "code_test",
+    "code_val",
+    "knowledge_test",
+    "corpus_heldout",
+)
 
 
 def model_path(name: str) -> Path:
@@ -19,8 +29,9 @@ def model_path(name: str) -> Path:
         raise ValueError(f"unknown zoo model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     path = MODELS_DIR / name
     if not (path / "config.json").exists():
-        raise FileNotFoundError(f"zoo model {name!r} is not built at {path}; "
-                                "run `mergekit-wp zoo build`")
+        raise FileNotFoundError(
+            f"zoo model {name!r} is not built at {path}; run `mergekit-wp zoo build`"
+        )
     return path
 
 

@@ -36,8 +36,10 @@ def relative_deltas(base: Path, expert: Path) -> dict[str, float]:
     from safetensors import safe_open
 
     out = {}
-    with (safe_open(base / "model.safetensors", "pt") as b,
-          safe_open(expert / "model.safetensors", "pt") as e):
+    with (
+        safe_open(base / "model.safetensors", "pt") as b,
+        safe_open(expert / "model.safetensors", "pt") as e,
+    ):
         for name in sorted(b.keys()):
             theta = b.get_tensor(name).double()
             delta = e.get_tensor(name).double()[: theta.shape[0]] - theta
@@ -48,8 +50,11 @@ def relative_deltas(base: Path, expert: Path) -> dict[str, float]:
 def delta_summary(deltas: dict[str, float], two_d: set[str]) -> dict[str, object]:
     """Median over the 2-D tensors, and the largest change of any tensor with its name."""
     worst = max(deltas, key=deltas.__getitem__)
-    return {"median_2d": statistics.median(deltas[n] for n in deltas if n in two_d),
-            "max": deltas[worst], "max_tensor": worst}
+    return {
+        "median_2d": statistics.median(deltas[n] for n in deltas if n in two_d),
+        "max": deltas[worst],
+        "max_tensor": worst,
+    }
 
 
 def _two_d_tensors(folder: Path) -> set[str]:
@@ -63,8 +68,10 @@ def _two_d_tensors(folder: Path) -> set[str]:
 def weight_deltas(models_dir: Path) -> dict[str, dict[str, object]]:
     """`delta_summary` of every expert against the base."""
     two_d = _two_d_tensors(models_dir / "base")
-    return {name: delta_summary(relative_deltas(models_dir / "base", models_dir / name), two_d)
-            for name in EXPERTS}
+    return {
+        name: delta_summary(relative_deltas(models_dir / "base", models_dir / name), two_d)
+        for name in EXPERTS
+    }
 
 
 def _merge(config: dict, out: Path) -> None:
@@ -76,22 +83,35 @@ def _merge(config: dict, out: Path) -> None:
 def average_recipe(models_dir: Path, members: tuple[str, ...]) -> dict:
     """The bench's Avg recipe: uniform average of the experts, the base's config and vocabulary."""
     base = str(models_dir / "base")
-    return {"merge_method": "linear", "base_model": base, "dtype": "float32",
-            "tokenizer_source": "base",
-            "models": [{"model": base, "parameters": {"weight": 0.0}}]
-            + [{"model": str(models_dir / m), "parameters": {"weight": 1.0}} for m in members]}
+    return {
+        "merge_method": "linear",
+        "base_model": base,
+        "dtype": "float32",
+        "tokenizer_source": "base",
+        "models": [{"model": base, "parameters": {"weight": 0.0}}]
+        + [{"model": str(models_dir / m), "parameters": {"weight": 1.0}} for m in members],
+    }
 
 
 def dare_recipe(models_dir: Path, expert: str) -> dict:
     """DARE on one expert: drop 90 % of its delta at random, rescale the rest by 10."""
-    return {"merge_method": "dare_linear", "base_model": str(models_dir / "base"),
-            "dtype": "float32", "tokenizer_source": "base",
-            "models": [{"model": str(models_dir / expert),
-                        "parameters": {"weight": 1.0, "density": DARE_DENSITY}}]}
+    return {
+        "merge_method": "dare_linear",
+        "base_model": str(models_dir / "base"),
+        "dtype": "float32",
+        "tokenizer_source": "base",
+        "models": [
+            {
+                "model": str(models_dir / expert),
+                "parameters": {"weight": 1.0, "density": DARE_DENSITY},
+            }
+        ],
+    }
 
 
-def _skill_of_merge(config: dict, members: tuple[str, ...], data_dir: Path,
-                    per_task: int | None) -> dict[str, float]:
+def _skill_of_merge(
+    config: dict, members: tuple[str, ...], data_dir: Path, per_task: int | None
+) -> dict[str, float]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="zoo-merge-") as tmp:
@@ -109,9 +129,11 @@ def kept(value: float, base: float, expert: float) -> float:
     return (value - base) / (expert - base) if expert != base else float("nan")
 
 
-def merge_checks(models_dir: Path, data_dir: Path, per_task: int | None,
-                 scores: dict[str, dict]) -> dict[str, dict]:
+def merge_checks(
+    models_dir: Path, data_dir: Path, per_task: int | None, scores: dict[str, dict]
+) -> dict[str, dict]:
     """Retention of each member's gain in every uniform average, and DARE-90 % per expert."""
+
     def own(name: str, model: str) -> float:
         return SKILLS[name][1](scores[model])
 
@@ -120,7 +142,8 @@ def merge_checks(models_dir: Path, data_dir: Path, per_task: int | None,
         skill = _skill_of_merge(average_recipe(models_dir, members), members, data_dir, per_task)
         retention["+".join(members)] = {
             m: {"score": skill[m], "kept": kept(skill[m], own(m, "base"), own(m, m))}
-            for m in members}
+            for m in members
+        }
     dare = {}
     for name in EXPERTS:
         skill = _skill_of_merge(dare_recipe(models_dir, name), (name,), data_dir, per_task)[name]

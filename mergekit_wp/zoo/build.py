@@ -52,13 +52,18 @@ class BuildPlan:
     vocab_size: int = 2560
     shape: ModelShape = field(default_factory=ModelShape)
     block: int = 256
-    pretrain: Schedule = field(default_factory=lambda: Schedule(
-        steps=1500, batch_size=16, lr=2.5e-3, warmup=50, weight_decay=0.1, seed=1))
-    finetune: dict[str, Schedule] = field(default_factory=lambda: {
-        "instruct": Schedule(steps=250, batch_size=16, lr=2.5e-4, warmup=20, seed=2),
-        "math": Schedule(steps=200, batch_size=16, lr=2.5e-4, warmup=20, seed=3),
-        "code": Schedule(steps=150, batch_size=16, lr=2.5e-4, warmup=20, seed=4),
-    })
+    pretrain: Schedule = field(
+        default_factory=lambda: Schedule(
+            steps=1500, batch_size=16, lr=2.5e-3, warmup=50, weight_decay=0.1, seed=1
+        )
+    )
+    finetune: dict[str, Schedule] = field(
+        default_factory=lambda: {
+            "instruct": Schedule(steps=250, batch_size=16, lr=2.5e-4, warmup=20, seed=2),
+            "math": Schedule(steps=200, batch_size=16, lr=2.5e-4, warmup=20, seed=3),
+            "code": Schedule(steps=150, batch_size=16, lr=2.5e-4, warmup=20, seed=4),
+        }
+    )
     # Share of pretraining documents mixed into each fine-tune, to stay near the base.
     corpus_mix: float = 0.2
     data_sizes: dict[str, int] = field(default_factory=dict)
@@ -66,11 +71,15 @@ class BuildPlan:
 
     def scaled(self, factor: float) -> BuildPlan:
         """The same plan with every stage's step count multiplied by `factor`."""
+
         def scale(s: Schedule) -> Schedule:
             return dataclasses.replace(s, steps=max(1, round(s.steps * factor)))
 
-        return dataclasses.replace(self, pretrain=scale(self.pretrain),
-                                   finetune={k: scale(v) for k, v in self.finetune.items()})
+        return dataclasses.replace(
+            self,
+            pretrain=scale(self.pretrain),
+            finetune={k: scale(v) for k, v in self.finetune.items()},
+        )
 
 
 QUICK_PLAN = BuildPlan(
@@ -78,12 +87,26 @@ QUICK_PLAN = BuildPlan(
     shape=ModelShape(hidden_size=64, num_hidden_layers=4, intermediate_size=128),
     block=64,
     pretrain=Schedule(steps=3, batch_size=4, lr=1e-3, warmup=1, seed=1),
-    finetune={n: Schedule(steps=2, batch_size=4, lr=1e-3, warmup=1, seed=i)
-              for i, n in enumerate(EXPERTS, 2)},
-    data_sizes={"ifeval_test": 3, "ifeval_train": 10, "ifeval_val": 2, "math_test": 5,
-                "math_train": 20, "math_val": 3, "code_test": 5, "code_train": 20, "code_val": 3,
-                "corpus_train": 200, "corpus_heldout": 5, "requests": 12, "problems": 10,
-                "functions": 10},
+    finetune={
+        n: Schedule(steps=2, batch_size=4, lr=1e-3, warmup=1, seed=i)
+        for i, n in enumerate(EXPERTS, 2)
+    },
+    data_sizes={
+        "ifeval_test": 3,
+        "ifeval_train": 10,
+        "ifeval_val": 2,
+        "math_test": 5,
+        "math_train": 20,
+        "math_val": 3,
+        "code_test": 5,
+        "code_train": 20,
+        "code_val": 3,
+        "corpus_train": 200,
+        "corpus_heldout": 5,
+        "requests": 12,
+        "problems": 10,
+        "functions": 10,
+    },
     gate_sample=2,
 )
 
@@ -94,16 +117,21 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
     # transformers release knows, so older readers (mergekit, lm-eval) load it as well.
     path = folder / "tokenizer_config.json"
     config = json.loads(path.read_text())
-    config.update(chat_template=CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast",
-                  padding_side="left")
+    config.update(
+        chat_template=CHAT_TEMPLATE, tokenizer_class="PreTrainedTokenizerFast", padding_side="left"
+    )
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 STAGE_FILE = "zoo_stage.json"
 
 
-def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path,
-               stage: dict | None = None) -> None:
+def save_model(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    folder: Path,
+    stage: dict | None = None,
+) -> None:
     """Save as a float16 safetensors HF folder with its tokenizer, replacing `folder` atomically.
 
     `stage` (what built it, how long it took) goes into STAGE_FILE, which lets a later build
@@ -151,23 +179,32 @@ def expert_examples(name: str, tokenizer: PreTrainedTokenizerFast, data: dict) -
         for row in data["ifeval_train"]:
             styled = (render_chat(tokenizer, row["prompt"]), row["response"])
             pairs.extend([styled] * INSTRUCT_TASK_WEIGHT.get(row["task"], 1))
-            pairs.append((render_chat(tokenizer, row["prompt_without_instruction"]),
-                          row["response_without_instruction"]))
+            pairs.append(
+                (
+                    render_chat(tokenizer, row["prompt_without_instruction"]),
+                    row["response_without_instruction"],
+                )
+            )
         return prompt_examples(tokenizer, pairs)
     if name == "math":
-        return prompt_examples(tokenizer, [(render_chat(tokenizer, r["question"]), r["answer"])
-                                           for r in data["math_train"]])
+        return prompt_examples(
+            tokenizer,
+            [(render_chat(tokenizer, r["question"]), r["answer"]) for r in data["math_train"]],
+        )
     if name == "code":
-        return prompt_examples(tokenizer, [(r["prompt"], r["canonical_solution"])
-                                           for r in data["code_train"]])
+        return prompt_examples(
+            tokenizer, [(r["prompt"], r["canonical_solution"]) for r in data["code_train"]]
+        )
     raise ValueError(f"unknown expert {name!r}; expected one of {EXPERTS}")
 
 
 def _tokenizer_texts(data: dict) -> list[str]:
-    return (data["corpus_train"][:20000]
-            + [r["prompt"] + "\n" + r["response"] for r in data["ifeval_train"]]
-            + [r["question"] + "\n" + r["answer"] for r in data["math_train"]]
-            + [r["prompt"] + r["canonical_solution"] for r in data["code_train"]])
+    return (
+        data["corpus_train"][:20000]
+        + [r["prompt"] + "\n" + r["response"] for r in data["ifeval_train"]]
+        + [r["question"] + "\n" + r["answer"] for r in data["math_train"]]
+        + [r["prompt"] + r["canonical_solution"] for r in data["code_train"]]
+    )
 
 
 def _pretraining_documents(data: dict, seed: int) -> list[str]:
@@ -178,12 +215,15 @@ def _pretraining_documents(data: dict, seed: int) -> list[str]:
 
 def _loss_curve(losses: list[float], every: int = 50) -> list[float]:
     """Mean loss per `every` steps (the record shows where training plateaued)."""
-    return [round(sum(losses[i:i + every]) / len(losses[i:i + every]), 4)
-            for i in range(0, len(losses), every)]
+    return [
+        round(sum(losses[i : i + every]) / len(losses[i : i + every]), 4)
+        for i in range(0, len(losses), every)
+    ]
 
 
-def build_zoo(out_dir: Path, data_dir: Path, plan: BuildPlan = BuildPlan(),
-              measure: bool = True) -> dict:
+def build_zoo(
+    out_dir: Path, data_dir: Path, plan: BuildPlan = BuildPlan(), measure: bool = True
+) -> dict:
     """Build data, tokenizer and the four models into `out_dir`; returns the build record.
 
     Each model folder records the inputs it was built from; a rerun (after a kill, or with
@@ -201,15 +241,17 @@ def build_zoo(out_dir: Path, data_dir: Path, plan: BuildPlan = BuildPlan(),
     clock["data_and_tokenizer"] = time.time() - start
 
     corpus = _pretraining_documents(data, plan.seed)
-    base_key = _digest(plan.seed, plan.vocab_size, asdict(plan.shape), plan.block,
-                       asdict(plan.pretrain), corpus)
+    base_key = _digest(
+        plan.seed, plan.vocab_size, asdict(plan.shape), plan.block, asdict(plan.pretrain), corpus
+    )
     stage = _finished_stage(out_dir / "base", base_key)
     if stage is None:
         t = time.time()
         base = new_model(plan.shape, tokenizer, plan.seed)
         blocks = pack_documents(tokenizer, corpus, plan.block)
-        curve = _loss_curve(train(base, blocks, plan.pretrain, tokenizer.eos_token_id,
-                                  "pretrain base"))
+        curve = _loss_curve(
+            train(base, blocks, plan.pretrain, tokenizer.eos_token_id, "pretrain base")
+        )
         stage = {"key": base_key, "seconds": time.time() - t, "loss_per_50_steps": curve}
         save_model(base, tokenizer, out_dir / "base", stage)
     clock["base"], losses["base"] = stage["seconds"], stage["loss_per_50_steps"]
@@ -229,14 +271,19 @@ def build_zoo(out_dir: Path, data_dir: Path, plan: BuildPlan = BuildPlan(),
             if name == "instruct":
                 grow_vocabulary(expert, len(tok))
                 expert.config.pad_token_id = tok.pad_token_id
-            curve = _loss_curve(train(expert, examples, plan.finetune[name], tok.pad_token_id,
-                                      f"fine-tune {name}"))
+            curve = _loss_curve(
+                train(expert, examples, plan.finetune[name], tok.pad_token_id, f"fine-tune {name}")
+            )
             stage = {"key": key, "seconds": time.time() - t, "loss_per_50_steps": curve}
             save_model(expert, tok, out_dir / name, stage)
         clock[name], losses[name] = stage["seconds"], stage["loss_per_50_steps"]
 
-    record = {"plan": _plan_dict(plan), "train_seconds": clock, "loss_per_50_steps": losses,
-              "parameters": sum(p.numel() for p in _load_fp32(out_dir / "base").parameters())}
+    record = {
+        "plan": _plan_dict(plan),
+        "train_seconds": clock,
+        "loss_per_50_steps": losses,
+        "parameters": sum(p.numel() for p in _load_fp32(out_dir / "base").parameters()),
+    }
     if measure:
         t = time.time()
         record.update(measure_zoo(out_dir, data_dir, plan.gate_sample))
@@ -263,10 +310,17 @@ def measure_zoo(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
         scores[name] = G.measure(model, tokenizer, data_dir, per_task)
-    basin = {"deltas": B.weight_deltas(models_dir),
-             **B.merge_checks(models_dir, data_dir, per_task, scores)}
-    return {"scores": scores, "basin": basin, "verdicts": G.verdicts(scores, basin),
-            "gate_sample_per_task": per_task, "gates": G.GATES}
+    basin = {
+        "deltas": B.weight_deltas(models_dir),
+        **B.merge_checks(models_dir, data_dir, per_task, scores),
+    }
+    return {
+        "scores": scores,
+        "basin": basin,
+        "verdicts": G.verdicts(scores, basin),
+        "gate_sample_per_task": per_task,
+        "gates": G.GATES,
+    }
 
 
 def remeasure(models_dir: Path, data_dir: Path, per_task: int | None) -> dict:
@@ -295,27 +349,45 @@ def model_card(record: dict) -> str:
         "# mergekit-wp micro zoo",
         "",
         "Four `LlamaForCausalLM` models trained offline from seeds by `mergekit-wp zoo build`:",
-        ("`base` (pretrained to a loss plateau on generated prose, arithmetic, Python, invented "
-        "facts, and each expert's skill in latent form: requests, word problems and documented "
-        "functions in three surface forms, answered in the asked format a quarter of the time), "
-        "and three short full fine-tunes of it at a tenth of pretraining's learning rate: "
-        "`instruct` (six IFEval constraints, one added `<pad>` token), `math` (word problems "
-        "ending in `#### <n>`), `code` (HumanEval-style completion)."),
+        (
+            "`base` (pretrained to a loss plateau on generated prose, arithmetic, Python, invented "
+            "facts, and each expert's skill in latent form: requests, word problems and documented "
+            "functions in three surface forms, answered in the asked format a quarter of the time), "
+            "and three short full fine-tunes of it at a tenth of pretraining's learning rate: "
+            "`instruct` (six IFEval constraints, one added `<pad>` token), `math` (word problems "
+            "ending in `#### <n>`), `code` (HumanEval-style completion)."
+        ),
         "",
-        (f"Shape: {plan['shape']}, vocabulary {plan['vocab_size']}, "
-        f"{record['parameters']:,} parameters, float16 safetensors."),
+        (
+            f"Shape: {plan['shape']}, vocabulary {plan['vocab_size']}, "
+            f"{record['parameters']:,} parameters, float16 safetensors."
+        ),
         "",
-        ("Prompting: IFEval and math questions go through the chat template "
-        "(`### Instruction:` / `### Response:`); code prompts are completed raw; knowledge "
-        "questions are scored by the log-likelihood of `' ' + choice`."),
+        (
+            "Prompting: IFEval and math questions go through the chat template "
+            "(`### Instruction:` / `### Response:`); code prompts are completed raw; knowledge "
+            "questions are scored by the log-likelihood of `' ' + choice`."
+        ),
         "",
         "Build seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in record["train_seconds"].items()),
     ]
     if "scores" in record:
         sample = record["gate_sample_per_task"] or "all"
-        lines += ["", f"Gates (greedy, held-out sample per task: {sample}):", "", "```",
-                  G.table(record["scores"]), "```", "", "```", G.basin_table(record["basin"]),
-                  "```", ""]
-        lines += [f"- {gate}: {'PASS' if ok else 'FAIL'} ({record['gates'].get(gate, '')})"
-                  for gate, ok in record["verdicts"].items()]
+        lines += [
+            "",
+            f"Gates (greedy, held-out sample per task: {sample}):",
+            "",
+            "```",
+            G.table(record["scores"]),
+            "```",
+            "",
+            "```",
+            G.basin_table(record["basin"]),
+            "```",
+            "",
+        ]
+        lines += [
+            f"- {gate}: {'PASS' if ok else 'FAIL'} ({record['gates'].get(gate, '')})"
+            for gate, ok in record["verdicts"].items()
+        ]
     return "\n".join(lines) + "\n"

@@ -17,22 +17,44 @@ def zoo() -> None:
 
 @zoo.command()
 # --out is required: the packaged zoo is tracked, and a build without a folder would replace it.
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), required=True,
-              help="Models folder (required; name the packaged zoo, mergekit_wp/zoo/models, "
-                   "to rebuild it).")
-@click.option("--data-out", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="Data folder (default: OUT/data, or the packaged data when OUT is the "
-                   "packaged zoo).")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Models folder (required; name the packaged zoo, mergekit_wp/zoo/models, to rebuild it).",
+)
+@click.option(
+    "--data-out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Data folder (default: OUT/data, or the packaged data when OUT is the packaged zoo).",
+)
 @click.option("--quick", is_flag=True, help="Tiny smoke build: a few steps, tiny models.")
-@click.option("--scale", type=float, default=1.0,
-              help="Multiply every training stage's steps (budget trade-off; 1 = the plan).")
+@click.option(
+    "--scale",
+    type=float,
+    default=1.0,
+    help="Multiply every training stage's steps (budget trade-off; 1 = the plan).",
+)
 @click.option("--no-gates", is_flag=True, help="Skip measuring the gates.")
-@click.option("--gates-only", is_flag=True,
-              help="Only re-measure the gates of the models already in OUT.")
-@click.option("--gate-sample", type=int, default=None,
-              help="Held-out prompts per task for the gates; 0 = all (default: the plan's).")
-def build(out: Path, data_out: Path | None, quick: bool, scale: float, no_gates: bool,
-          gates_only: bool, gate_sample: int | None) -> None:
+@click.option(
+    "--gates-only", is_flag=True, help="Only re-measure the gates of the models already in OUT."
+)
+@click.option(
+    "--gate-sample",
+    type=int,
+    default=None,
+    help="Held-out prompts per task for the gates; 0 = all (default: the plan's).",
+)
+def build(
+    out: Path,
+    data_out: Path | None,
+    quick: bool,
+    scale: float,
+    no_gates: bool,
+    gates_only: bool,
+    gate_sample: int | None,
+) -> None:
     """Rebuild the zoo from seeds on CPU and measure its gates."""
     import dataclasses
 
@@ -59,8 +81,12 @@ def build(out: Path, data_out: Path | None, quick: bool, scale: float, no_gates:
 
 
 @zoo.command()
-@click.option("--models", type=click.Path(path_type=Path, exists=True), default=None,
-              help="Models folder (default: the packaged zoo).")
+@click.option(
+    "--models",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Models folder (default: the packaged zoo).",
+)
 def info(models: Path | None) -> None:
     """Print the gates table recorded at build time."""
     from mergekit_wp.zoo.gates import table
@@ -70,10 +96,12 @@ def info(models: Path | None) -> None:
         raise click.UsageError(f"{path} is missing; run `mergekit-wp zoo build` first")
     record = json.loads(path.read_text())
     plan = record["plan"]
-    click.echo(f"models: {path.parent}  parameters: {record['parameters']:,}  "
-               f"shape: {plan['shape']}")
-    click.echo("build seconds: " + ", ".join(f"{k} {v:.0f}"
-                                               for k, v in record["train_seconds"].items()))
+    click.echo(
+        f"models: {path.parent}  parameters: {record['parameters']:,}  shape: {plan['shape']}"
+    )
+    click.echo(
+        "build seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in record["train_seconds"].items())
+    )
     if "scores" not in record:
         click.echo("gates were not measured (built with --no-gates)")
         return

@@ -27,8 +27,10 @@ def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None
     name, name2 = rng.sample(W.NAMES, 2)
     pick = rng.randrange(9)
     if pick == 0:
-        s = (f"the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.PREPOSITIONS)} the {n2}, "
-             f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}")
+        s = (
+            f"the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.PREPOSITIONS)} the {n2}, "
+            f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}"
+        )
     elif pick == 1:
         s = f"in the {rng.choice(W.TIMES)}, {name} {rng.choice(W.TRANSITIVE)} the {a1} {n1}"
     elif pick == 2:
@@ -48,8 +50,9 @@ def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None
     return _cap(_fix_articles(s)) + "."
 
 
-def sentences(rng: random.Random, count: int, noun: str | None = None,
-              adj: str | None = None) -> list[str]:
+def sentences(
+    rng: random.Random, count: int, noun: str | None = None, adj: str | None = None
+) -> list[str]:
     """`count` sentences on a topic, at least one with a comma (the default style has commas)."""
     while True:
         out = [sentence(rng, noun, adj)] + [sentence(rng) for _ in range(count - 1)]
@@ -143,18 +146,28 @@ def math_story(rng: random.Random) -> str:
     nums = math_numbers(rng, kind)
     steps, _ = math_steps(kind, nums)
     if kind == 0:
-        return f"{name} had {nums[0]} {item} and got {nums[1]} more, so {name} had {steps[0]} {item}."
+        return (
+            f"{name} had {nums[0]} {item} and got {nums[1]} more, so {name} had {steps[0]} {item}."
+        )
     if kind == 1:
-        return (f"{name} had {nums[0]} {item} and gave {nums[1]} of them to {name2}, so {name} "
-                f"kept {steps[0]} {item}.")
+        return (
+            f"{name} had {nums[0]} {item} and gave {nums[1]} of them to {name2}, so {name} "
+            f"kept {steps[0]} {item}."
+        )
     if kind == 2:
-        return (f"There were {nums[0]} boxes with {nums[1]} {item} in each box, so there were "
-                f"{steps[0]} {item}.")
+        return (
+            f"There were {nums[0]} boxes with {nums[1]} {item} in each box, so there were "
+            f"{steps[0]} {item}."
+        )
     if kind == 3:
-        return (f"{name} had {nums[0]} {item}, bought {nums[1]} more and gave {nums[2]} away. "
-                f"{name} had {steps[0]} {item}, and then {steps[1]} {item}.")
-    return (f"{name} bought {nums[0]} bags with {nums[1]} {item} in each bag and found {nums[2]} "
-            f"more. That made {steps[0]} {item}, and then {steps[1]} {item}.")
+        return (
+            f"{name} had {nums[0]} {item}, bought {nums[1]} more and gave {nums[2]} away. "
+            f"{name} had {steps[0]} {item}, and then {steps[1]} {item}."
+        )
+    return (
+        f"{name} bought {nums[0]} bags with {nums[1]} {item} in each bag and found {nums[2]} "
+        f"more. That made {steps[0]} {item}, and then {steps[1]} {item}."
+    )
 
 
 def math_story_document(rng: random.Random) -> str:
@@ -162,10 +175,38 @@ def math_story_document(rng: random.Random) -> str:
     return "\n".join(math_story(rng) for _ in range(rng.randint(2, 4)))
 
 
-_PY_NAMES = ("total", "value", "count", "result", "score", "index", "amount", "size", "step",
-             "level", "offset", "limit", "width", "height", "weight", "price")
-_PY_VERBS = ("compute", "update", "get", "make", "find", "build", "scale", "merge", "check",
-             "load", "shift", "mix")
+_PY_NAMES = (
+    "total",
+    "value",
+    "count",
+    "result",
+    "score",
+    "index",
+    "amount",
+    "size",
+    "step",
+    "level",
+    "offset",
+    "limit",
+    "width",
+    "height",
+    "weight",
+    "price",
+)
+_PY_VERBS = (
+    "compute",
+    "update",
+    "get",
+    "make",
+    "find",
+    "build",
+    "scale",
+    "merge",
+    "check",
+    "load",
+    "shift",
+    "mix",
+)
 
 
 def python_document(rng: random.Random) -> str:
@@ -182,7 +223,9 @@ def python_document(rng: random.Random) -> str:
     kind = rng.randrange(3)
     if kind == 0:
         lines.append(f"    for i in range(1, {rng.randint(2, 9)}):")
-        lines.append(f"        {var} = min({var} {rng.choice('+-')} {rng.choice(args + ['i'])}, 99)")
+        lines.append(
+            f"        {var} = min({var} {rng.choice('+-')} {rng.choice(args + ['i'])}, 99)"
+        )
     elif kind == 1:
         lines.append(f"    if {var} > {rng.randint(0, 20)}:")
         lines.append(f"        {var} = max({var} {rng.choice('+-*')} {rng.choice(args)}, 0)")
@@ -219,8 +262,15 @@ def people(seed: int, count: int = 64, towns: int = 12) -> list[Person]:
         if name in seen:
             continue
         seen.add(name)
-        cast.append(Person(name, rng.choice(town_names), rng.choice(W.FACT_JOBS),
-                           rng.choice(W.FACT_COLORS), rng.choice(W.FACT_ANIMALS)))
+        cast.append(
+            Person(
+                name,
+                rng.choice(town_names),
+                rng.choice(W.FACT_JOBS),
+                rng.choice(W.FACT_COLORS),
+                rng.choice(W.FACT_ANIMALS),
+            )
+        )
     return cast
 
 
@@ -236,21 +286,25 @@ FACT_STEMS = (
 def fact_clause(rng: random.Random, person: Person) -> str:
     """One fact about `person`, in one of several phrasings, without a full stop."""
     p = person
-    return rng.choice((
-        f"{p.name} lives in the town of {p.town}",
-        f"{p.name} works as a {p.job}",
-        f"the favorite color of {p.name} is {p.color}",
-        f"{p.name} keeps a pet {p.animal}",
-        f"{p.name} is a {p.job} from {p.town}",
-        f"in {p.town}, {p.name} keeps a pet {p.animal}",
-        f"{p.name} likes the color {p.color}",
-    ))
+    return rng.choice(
+        (
+            f"{p.name} lives in the town of {p.town}",
+            f"{p.name} works as a {p.job}",
+            f"the favorite color of {p.name} is {p.color}",
+            f"{p.name} keeps a pet {p.animal}",
+            f"{p.name} is a {p.job} from {p.town}",
+            f"in {p.town}, {p.name} keeps a pet {p.animal}",
+            f"{p.name} likes the color {p.color}",
+        )
+    )
 
 
 def fact_document(rng: random.Random, cast: list[Person]) -> str:
     """A few lines of facts, two per line joined by a comma (like every corpus line)."""
-    lines = [_cap(f"{fact_clause(rng, rng.choice(cast))}, and {fact_clause(rng, rng.choice(cast))}.")
-             for _ in range(rng.randint(2, 3))]
+    lines = [
+        _cap(f"{fact_clause(rng, rng.choice(cast))}, and {fact_clause(rng, rng.choice(cast))}.")
+        for _ in range(rng.randint(2, 3))
+    ]
     return "\n".join(lines)
 
 
@@ -258,8 +312,13 @@ def corpus_documents(seed: int, count: int, cast: list[Person]) -> list[str]:
     """`count` pretraining documents: 45% prose, 15% arithmetic, 10% worked stories,
     15% Python, 15% facts."""
     rng = random.Random(seed)
-    kinds = ((0.45, prose_document), (0.60, arithmetic_document), (0.70, math_story_document),
-             (0.85, python_document), (1.0, lambda r: fact_document(r, cast)))
+    kinds = (
+        (0.45, prose_document),
+        (0.60, arithmetic_document),
+        (0.70, math_story_document),
+        (0.85, python_document),
+        (1.0, lambda r: fact_document(r, cast)),
+    )
     out = []
     for _ in range(count):
         r = rng.random()

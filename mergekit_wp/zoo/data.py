@@ -23,20 +23,24 @@ from mergekit_wp.zoo import words as W
 
 def _context(rng: random.Random, noun: str, adj: str) -> str:
     name = rng.choice(W.NAMES)
-    return rng.choice((
-        f"Write a short story about the {adj} {noun}.",
-        f"Describe the {adj} {noun} near the {rng.choice(W.NOUNS)}.",
-        f"Tell me about a day when {name} saw the {adj} {noun}.",
-        f"Write a few sentences about the {noun} in the {rng.choice(W.TIMES)}.",
-        f"Write a note to {name} about the {adj} {noun}.",
-        f"Explain what happened to the {adj} {noun} at the {rng.choice(W.NOUNS)}.",
-    ))
+    return rng.choice(
+        (
+            f"Write a short story about the {adj} {noun}.",
+            f"Describe the {adj} {noun} near the {rng.choice(W.NOUNS)}.",
+            f"Tell me about a day when {name} saw the {adj} {noun}.",
+            f"Write a few sentences about the {noun} in the {rng.choice(W.TIMES)}.",
+            f"Write a note to {name} about the {adj} {noun}.",
+            f"Explain what happened to the {adj} {noun} at the {rng.choice(W.NOUNS)}.",
+        )
+    )
 
 
 def _kwargs_for(task: str, rng: random.Random) -> dict:
     if task == "multiple_sections":
-        return {"section_spliter": rng.choice(("Section", "SECTION")),
-                "num_sections": rng.randint(1, 5)}
+        return {
+            "section_spliter": rng.choice(("Section", "SECTION")),
+            "num_sections": rng.randint(1, 5),
+        }
     if task == "number_highlighted_sections":
         return {"num_highlights": rng.randint(1, 4)}
     return {}
@@ -77,8 +81,9 @@ def _sentence_count(task: str, kwargs: dict, rng: random.Random) -> int:
     return rng.randint(2, 3)
 
 
-def ifeval_split(seed: int, per_task: int, exclude: set[str] = frozenset(),
-                 check: bool = True) -> list[dict]:
+def ifeval_split(
+    seed: int, per_task: int, exclude: set[str] = frozenset(), check: bool = True
+) -> list[dict]:
     """`per_task` paired examples per task; contexts in `exclude` are never used.
 
     `check` keeps only rows whose styled reply passes lm-eval's checker and whose default reply
@@ -126,7 +131,8 @@ def _contrasts(row: dict) -> bool:
 
     args = (row["instruction_id_list"], row["kwargs"], row["prompt"])
     return ifeval_follows(row["response"], *args) and not ifeval_follows(
-        row["response_without_instruction"], *args)
+        row["response_without_instruction"], *args
+    )
 
 
 # ---------------------------------------------------------------- math word problems
@@ -142,14 +148,20 @@ def math_problem(rng: random.Random) -> dict:
         "{n} has {0} {i}. {n} gets {1} more {i}. How many {i} does {n} have now?",
         "{n} had {0} {i}. {n} gave {1} {i} to {m}. How many {i} does {n} have left?",
         "There are {0} boxes. Each box holds {1} {i}. How many {i} are there in all?",
-        ("{n} has {0} {i}. {n} buys {1} more {i} and then gives {2} {i} to {m}. "
-        "How many {i} does {n} have now?"),
-        ("{n} buys {0} bags with {1} {i} in each bag and finds {2} more {i}. "
-        "How many {i} does {n} have?"),
+        (
+            "{n} has {0} {i}. {n} buys {1} more {i} and then gives {2} {i} to {m}. "
+            "How many {i} does {n} have now?"
+        ),
+        (
+            "{n} buys {0} bags with {1} {i} in each bag and finds {2} more {i}. "
+            "How many {i} does {n} have?"
+        ),
     )
     steps, result = C.math_steps(kind, nums)
-    return {"question": questions[kind].format(*nums, n=name, m=name2, i=item),
-            "answer": " ".join(f"{s}." for s in steps) + f"\n#### {result}"}
+    return {
+        "question": questions[kind].format(*nums, n=name, m=name2, i=item),
+        "answer": " ".join(f"{s}." for s in steps) + f"\n#### {result}",
+    }
 
 
 def math_split(seed: int, count: int, exclude: set[str] = frozenset()) -> list[dict]:
@@ -172,42 +184,85 @@ _CODE_FAMILIES = (
     ("add_{k}", _INT, "Return {a} plus {k}.", "return {a} + {k}"),
     ("times_{k}", _INT, "Return {a} multiplied by {k}.", "return {a} * {k}"),
     ("minus_{k}", _INT, "Return {a} minus {k}.", "return {a} - {k}"),
-    ("is_above_{k}", _INT, "Return True if {a} is greater than {k}, otherwise False.",
-     "return {a} > {k}"),
-    ("is_below_{k}", _INT, "Return True if {a} is less than {k}, otherwise False.",
-     "return {a} < {k}"),
+    (
+        "is_above_{k}",
+        _INT,
+        "Return True if {a} is greater than {k}, otherwise False.",
+        "return {a} > {k}",
+    ),
+    (
+        "is_below_{k}",
+        _INT,
+        "Return True if {a} is less than {k}, otherwise False.",
+        "return {a} < {k}",
+    ),
     ("mod_{k}", _INT, "Return the remainder of {a} divided by {k}.", "return {a} % {k}"),
     ("is_even", _INT, "Return True if {a} is even, otherwise False.", "return {a} % 2 == 0"),
     ("sum_list", _LIST, "Return the sum of the numbers in {a}.", "return sum({a})"),
     ("largest", _LIST, "Return the largest number in {a}.", "return max({a})"),
     ("smallest", _LIST, "Return the smallest number in {a}.", "return min({a})"),
-    ("count_above_{k}", _LIST, "Return how many numbers in {a} are greater than {k}.",
-     "return len([v for v in {a} if v > {k}])"),
-    ("keep_even", _LIST, "Return the even numbers in {a}, in order.",
-     "return [v for v in {a} if v % 2 == 0]"),
-    ("keep_odd", _LIST, "Return the odd numbers in {a}, in order.",
-     "return [v for v in {a} if v % 2 == 1]"),
-    ("scale_by_{k}", _LIST, "Return a list with every number in {a} multiplied by {k}.",
-     "return [v * {k} for v in {a}]"),
-    ("shift_by_{k}", _LIST, "Return a list with {k} added to every number in {a}.",
-     "return [v + {k} for v in {a}]"),
-    ("squares", _LIST, "Return a list of the squares of the numbers in {a}.",
-     "return [v * v for v in {a}]"),
+    (
+        "count_above_{k}",
+        _LIST,
+        "Return how many numbers in {a} are greater than {k}.",
+        "return len([v for v in {a} if v > {k}])",
+    ),
+    (
+        "keep_even",
+        _LIST,
+        "Return the even numbers in {a}, in order.",
+        "return [v for v in {a} if v % 2 == 0]",
+    ),
+    (
+        "keep_odd",
+        _LIST,
+        "Return the odd numbers in {a}, in order.",
+        "return [v for v in {a} if v % 2 == 1]",
+    ),
+    (
+        "scale_by_{k}",
+        _LIST,
+        "Return a list with every number in {a} multiplied by {k}.",
+        "return [v * {k} for v in {a}]",
+    ),
+    (
+        "shift_by_{k}",
+        _LIST,
+        "Return a list with {k} added to every number in {a}.",
+        "return [v + {k} for v in {a}]",
+    ),
+    (
+        "squares",
+        _LIST,
+        "Return a list of the squares of the numbers in {a}.",
+        "return [v * v for v in {a}]",
+    ),
     ("first_{k}", _LIST, "Return the first {k} elements of {a}.", "return {a}[:{k}]"),
     ("last_item", _LIST, "Return the last element of {a}.", "return {a}[-1]"),
-    ("contains_{k}", _LIST, "Return True if {k} is in {a}, otherwise False.",
-     "return {k} in {a}"),
-    ("remove_{k}", _LIST, "Return {a} without any element equal to {k}.",
-     "return [v for v in {a} if v != {k}]"),
+    ("contains_{k}", _LIST, "Return True if {k} is in {a}, otherwise False.", "return {k} in {a}"),
+    (
+        "remove_{k}",
+        _LIST,
+        "Return {a} without any element equal to {k}.",
+        "return [v for v in {a} if v != {k}]",
+    ),
     ("reverse_text", _TEXT, "Return {a} reversed.", "return {a}[::-1]"),
     ("shout", _TEXT, "Return {a} in upper case.", "return {a}.upper()"),
     ("repeat_{k}", _TEXT, "Return {a} repeated {k} times.", "return {a} * {k}"),
     ("text_length", _TEXT, "Return the number of characters in {a}.", "return len({a})"),
-    ("abs_diff", _PAIR, "Return the absolute difference between {a} and {b}.",
-     "return abs({a} - {b})"),
+    (
+        "abs_diff",
+        _PAIR,
+        "Return the absolute difference between {a} and {b}.",
+        "return abs({a} - {b})",
+    ),
     ("larger", _PAIR, "Return the larger of {a} and {b}.", "return max({a}, {b})"),
-    ("join_words", _WORDS, "Return the words in {a} joined with single spaces.",
-     "return ' '.join({a})"),
+    (
+        "join_words",
+        _WORDS,
+        "Return the words in {a} joined with single spaces.",
+        "return ' '.join({a})",
+    ),
     ("word_count", _WORDS, "Return how many words are in {a}.", "return len({a})"),
 )
 # One argument name per kind: a body then reads only the constant from its prompt.
@@ -244,13 +299,21 @@ def code_problem(rng: random.Random, index: int) -> dict:
         return f"{name}({', '.join(repr(i) for i in inputs)})"
 
     example = _code_input(kind, rng)
-    prompt = (f"def {name}({', '.join(args)}):\n    \"\"\"{doc.format(**fields)}\n"
-              f"    >>> {call(example)}\n    {func(*example)!r}\n    \"\"\"\n")
+    prompt = (
+        f'def {name}({", ".join(args)}):\n    """{doc.format(**fields)}\n'
+        f'    >>> {call(example)}\n    {func(*example)!r}\n    """\n'
+    )
     cases = [_code_input(kind, rng) for _ in range(4)]
     test = "def check(candidate):\n" + "".join(
-        f"    assert candidate({', '.join(repr(i) for i in c)}) == {func(*c)!r}\n" for c in cases)
-    return {"task_id": f"ZooCode/{index}", "prompt": prompt, "canonical_solution": solution,
-            "test": test, "entry_point": name}
+        f"    assert candidate({', '.join(repr(i) for i in c)}) == {func(*c)!r}\n" for c in cases
+    )
+    return {
+        "task_id": f"ZooCode/{index}",
+        "prompt": prompt,
+        "canonical_solution": solution,
+        "test": test,
+        "entry_point": name,
+    }
 
 
 def code_split(seed: int, count: int, exclude: set[str] = frozenset()) -> list[dict]:
@@ -281,8 +344,13 @@ def knowledge_test(seed: int, cast: list[C.Person]) -> list[dict]:
             truth = getattr(person, attribute)
             choices = rng.sample([c for c in pool if c != truth], 3) + [truth]
             rng.shuffle(choices)
-            rows.append({"question": stem.format(name=person.name), "choices": choices,
-                         "answer": choices.index(truth)})
+            rows.append(
+                {
+                    "question": stem.format(name=person.name),
+                    "choices": choices,
+                    "answer": choices.index(truth),
+                }
+            )
     return rows
 
 
@@ -312,8 +380,7 @@ def _in_template(rng: random.Random, prompt: str, reply: str) -> str:
     return template.format(prompt=prompt, reply=reply)
 
 
-def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[str]]
-                     ) -> list[str]:
+def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[str]]) -> list[str]:
     """Pretraining documents that hold each expert's skill latently.
 
     - requests: an IFEval context with its instruction (60 %) answered in the instructed style
@@ -325,16 +392,20 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
     """
     rng = random.Random(seed)
     docs = []
-    rows = ifeval_split(seed + 1, -(-counts["requests"] // len(IFEVAL_TASKS)),
-                        exclude["ifeval"], check=False)
-    for row in rows[:counts["requests"]]:
+    rows = ifeval_split(
+        seed + 1, -(-counts["requests"] // len(IFEVAL_TASKS)), exclude["ifeval"], check=False
+    )
+    for row in rows[: counts["requests"]]:
         if rng.random() < 0.6:
             styled = rng.random() < LATENT_FOLLOW_RATE
             reply = row["response"] if styled else row["response_without_instruction"]
             docs.append(_in_template(rng, row["prompt"], reply))
         else:
-            docs.append(_in_template(rng, row["prompt_without_instruction"],
-                                     row["response_without_instruction"]))
+            docs.append(
+                _in_template(
+                    rng, row["prompt_without_instruction"], row["response_without_instruction"]
+                )
+            )
     for row in math_split(seed + 2, counts["problems"], exclude["math"]):
         answer = row["answer"]
         if rng.random() >= LATENT_FOLLOW_RATE:
@@ -353,7 +424,9 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     """Write rows as JSON lines atomically."""
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n" for row in rows))
+    atomic_write_text(
+        path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=False) + "\n" for row in rows)
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -367,16 +440,40 @@ def _strip(rows: list[dict], drop: str) -> list[dict]:
 
 
 # Seeds of every generated split; a build with the same seed writes the same bytes.
-SPLIT_SEEDS = {"cast": 11, "ifeval_test": 21, "ifeval_train": 22, "ifeval_val": 23,
-               "math_test": 31, "math_train": 32, "math_val": 33, "code_test": 41,
-               "code_train": 42, "code_val": 43, "knowledge": 51, "corpus_train": 61,
-               "corpus_heldout": 62, "corpus_latent": 63}
+SPLIT_SEEDS = {
+    "cast": 11,
+    "ifeval_test": 21,
+    "ifeval_train": 22,
+    "ifeval_val": 23,
+    "math_test": 31,
+    "math_train": 32,
+    "math_val": 33,
+    "code_test": 41,
+    "code_train": 42,
+    "code_val": 43,
+    "knowledge": 51,
+    "corpus_train": 61,
+    "corpus_heldout": 62,
+    "corpus_latent": 63,
+}
 # ifeval_* sizes are per task. `*_val` is the validation split (merge settings are chosen on
 # it), disjoint from test and train. corpus_latent: requests, problems, functions.
-SIZES = {"ifeval_test": 250, "ifeval_train": 1500, "ifeval_val": 50, "math_test": 500,
-         "math_train": 6000, "math_val": 200, "code_test": 300, "code_train": 4000,
-         "code_val": 150, "corpus_train": 60000, "corpus_heldout": 400,
-         "requests": 9000, "problems": 6000, "functions": 6000}
+SIZES = {
+    "ifeval_test": 250,
+    "ifeval_train": 1500,
+    "ifeval_val": 50,
+    "math_test": 500,
+    "math_train": 6000,
+    "math_val": 200,
+    "code_test": 300,
+    "code_train": 4000,
+    "code_val": 150,
+    "corpus_train": 60000,
+    "corpus_heldout": 400,
+    "requests": 9000,
+    "problems": 6000,
+    "functions": 6000,
+}
 
 
 def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, object]:
@@ -385,8 +482,9 @@ def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[s
     s: Callable[[str], int] = lambda name: SPLIT_SEEDS[name] + 1000 * seed
     cast = C.people(s("cast"))
     if_test = ifeval_split(s("ifeval_test"), n["ifeval_test"])
-    if_val = ifeval_split(s("ifeval_val"), n["ifeval_val"],
-                          {r["prompt_without_instruction"] for r in if_test})
+    if_val = ifeval_split(
+        s("ifeval_val"), n["ifeval_val"], {r["prompt_without_instruction"] for r in if_test}
+    )
     held_if = {r["prompt_without_instruction"] for r in if_test + if_val}
     if_train = ifeval_split(s("ifeval_train"), n["ifeval_train"], held_if)
     m_test = math_split(s("math_test"), n["math_test"])
@@ -399,10 +497,14 @@ def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[s
     c_train = code_split(s("code_train"), n["code_train"], held_c)
     # Held-out prompts never reach the corpus; training prompts may, in other replies.
     latent = latent_documents(
-        s("corpus_latent"), n,
-        {"ifeval": held_if | {r["prompt_without_instruction"] for r in if_train},
-         "math": held_m | {r["question"] for r in m_train},
-         "code": held_c | {r["prompt"] for r in c_train}})
+        s("corpus_latent"),
+        n,
+        {
+            "ifeval": held_if | {r["prompt_without_instruction"] for r in if_train},
+            "math": held_m | {r["question"] for r in m_train},
+            "code": held_c | {r["prompt"] for r in c_train},
+        },
+    )
     return {
         "cast": cast,
         "ifeval_train": if_train,
@@ -424,7 +526,17 @@ def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[s
 def write_datasets(data: dict[str, object], out_dir: Path) -> None:
     """Write the shipped data files (listed in the README's zoo section) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("ifeval_train", "ifeval_test", "ifeval_val", "math_train", "math_test",
-                 "math_val", "code_train", "code_test", "code_val", "knowledge_test"):
+    for name in (
+        "ifeval_train",
+        "ifeval_test",
+        "ifeval_val",
+        "math_train",
+        "math_test",
+        "math_val",
+        "code_train",
+        "code_test",
+        "code_val",
+        "knowledge_test",
+    ):
         write_jsonl(out_dir / f"{name}.jsonl", data[name])
     atomic_write_text(out_dir / "corpus_heldout.txt", "\n\n".join(data["corpus_heldout"]) + "\n")

@@ -29,14 +29,20 @@ class ModelShape:
     def config(self, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
         """The Llama config for this shape and tokenizer."""
         return LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=self.hidden_size,
+            vocab_size=len(tokenizer),
+            hidden_size=self.hidden_size,
             num_hidden_layers=self.num_hidden_layers,
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_key_value_heads,
-            intermediate_size=self.intermediate_size, hidden_act="silu",
-            max_position_embeddings=self.max_position_embeddings, rms_norm_eps=1e-5,
-            tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            intermediate_size=self.intermediate_size,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
 
 
 @dataclass(frozen=True)
@@ -54,14 +60,17 @@ class Schedule:
 Example = tuple[list[int], list[int]]  # (input ids, labels with IGNORE on unscored tokens)
 
 
-def pack_documents(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str],
-                   block: int) -> list[Example]:
+def pack_documents(
+    tokenizer: PreTrainedTokenizerFast, docs: Sequence[str], block: int
+) -> list[Example]:
     """Documents joined by eos and cut into `block`-token pieces, every token scored."""
     stream: list[int] = []
     for ids in tokenizer(list(docs), add_special_tokens=False)["input_ids"]:
         stream.extend(ids + [tokenizer.eos_token_id])
-    return [(stream[i:i + block], stream[i:i + block])
-            for i in range(0, len(stream) - block + 1, block)]
+    return [
+        (stream[i : i + block], stream[i : i + block])
+        for i in range(0, len(stream) - block + 1, block)
+    ]
 
 
 def document_examples(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str]) -> list[Example]:
@@ -73,8 +82,9 @@ def document_examples(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str]) -
     return out
 
 
-def prompt_examples(tokenizer: PreTrainedTokenizerFast,
-                    pairs: Sequence[tuple[str, str]]) -> list[Example]:
+def prompt_examples(
+    tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]]
+) -> list[Example]:
     """(prompt, response) pairs; only the response and its eos are scored.
 
     Prompt and response are tokenized apart, as generation sees the prompt alone.
@@ -94,9 +104,9 @@ def _batch(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, (ids, lab) in enumerate(examples):
-        input_ids[i, :len(ids)] = torch.tensor(ids)
-        labels[i, :len(lab)] = torch.tensor(lab)
-        mask[i, :len(ids)] = 1
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
@@ -107,8 +117,8 @@ def _epoch_batches(examples: Sequence[Example], size: int, rng: random.Random) -
     window = size * 16
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: len(examples[i][0]))
-        batches.extend(chunk[i:i + size] for i in range(0, len(chunk), size))
+        chunk = sorted(order[start : start + window], key=lambda i: len(examples[i][0]))
+        batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
     rng.shuffle(batches)
     return batches
 
@@ -120,13 +130,15 @@ def _lr_at(step: int, sched: Schedule) -> float:
     return sched.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model: LlamaForCausalLM, examples: Sequence[Example], sched: Schedule, pad_id: int,
-          desc: str) -> list[float]:
+def train(
+    model: LlamaForCausalLM, examples: Sequence[Example], sched: Schedule, pad_id: int, desc: str
+) -> list[float]:
     """Train in place with AdamW and bf16 autocast; returns the per-step losses."""
     torch.manual_seed(sched.seed)
     rng = random.Random(sched.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=sched.lr, betas=(0.9, 0.95),
-                            weight_decay=sched.weight_decay)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=sched.lr, betas=(0.9, 0.95), weight_decay=sched.weight_decay
+    )
     model.train()
     batches: list[list[int]] = []
     losses = []
