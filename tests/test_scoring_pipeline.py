@@ -325,3 +325,42 @@ def test_gemma2_scores_with_its_tables_attention_by_default(tmp_path):
         score(
             parse_config(config | {"attn_implementation": "sdpa", "output": str(tmp_path / "o2")})
         )
+
+
+def test_the_engine_in_memory_gives_the_pipelines_maps(pair, tmp_path):
+    """`mergekit-wp score` is the engine plus loading and writing: the same pair, batches and
+    utility give the same numbers in memory (what the analyses call)."""
+    from transformers import AutoTokenizer
+
+    from mergekit_wp.io import load_model
+    from mergekit_wp.scoring.engine import ModelPair, score_maps
+    from mergekit_wp.scoring.inputs import load_examples, make_batches
+    from mergekit_wp.scoring.utility import KLUtility
+
+    config = parse_config(
+        _config(
+            pair,
+            tmp_path / "kl",
+            utility={"kind": "kl"},
+            methods=["wp_attr", "ap_attr"],
+            data={"source": str(pair / "math.jsonl"), "kind": "domain", "responses": "reference"},
+            batch_size=2,
+            dtype="float32",
+        )
+    )
+    run = score(config)
+    base, sft = (load_model(str(pair / m), "float32") for m in ("base", "sft"))
+    tokenizer = AutoTokenizer.from_pretrained(pair / "sft")
+    batches = make_batches(tokenizer, load_examples(config.data, tokenizer, sft, True), 2)
+    found = score_maps(
+        ModelPair.of(base, sft),
+        batches,
+        KLUtility(sft),
+        ["wp_attr", "ap_attr"],
+        gap_floor=config.gap_floor,
+        quiet=True,
+    )
+    for method in ("wp_attr", "ap_attr"):
+        written = read_score_map(run.maps[method])
+        assert torch.equal(found.maps[method].heads, written.heads), method
+        assert torch.equal(found.maps[method].neurons, written.neurons), method
