@@ -10,11 +10,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 from mergekit_wp.components import Component, ModelShape
@@ -40,6 +46,33 @@ ARCHS = {
         Gemma2Config,
         Gemma2ForCausalLM,
         {"head_dim": 8, "sliding_window": 4, "query_pre_attn_scalar": 8},
+    ),
+    # Shared [head_dim] q_norm / k_norm (Qwen3 defaults head_dim to 128).
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 8}),
+    # Soft-capping small enough to bend the random logits; sliding and global layers.
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {
+            "head_dim": 8,
+            "sliding_window": 4,
+            "query_pre_attn_scalar": 8,
+            "final_logit_softcapping": 0.5,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    ),
+    # Every multiplier away from 1, so a missed one shows; biases on.
+    "granite": (
+        GraniteConfig,
+        GraniteForCausalLM,
+        {
+            "embedding_multiplier": 3.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.2,
+            "logits_scaling": 4.0,
+            "attention_bias": True,
+            "mlp_bias": True,
+        },
     ),
 }
 PAIRED_ROWS = [
@@ -82,6 +115,14 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
+def arch_config(arch: str, **dims):
+    """The tiny config of `arch` (ARCHS), its `architectures` entry set as a checkpoint's is."""
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = config_cls(**(DIMS | extra | dims))
+    config.architectures = [model_cls.__name__]
+    return config
+
+
 def model_pair(
     arch: str = "llama",
     dtype: torch.dtype = torch.float64,
@@ -91,9 +132,8 @@ def model_pair(
     **dims,
 ):
     """(base, sft): random base; sft = base + noise everywhere, or only on `planted` slices."""
-    config_cls, model_cls, extra = ARCHS[arch]
-    config = config_cls(**(DIMS | extra | dims))
-    config.architectures = [model_cls.__name__]
+    model_cls = ARCHS[arch][1]
+    config = arch_config(arch, **dims)
     torch.manual_seed(seed)
     base = model_cls(config).to(dtype).eval().requires_grad_(False)
     sft = model_cls(config).to(dtype).eval().requires_grad_(False)
