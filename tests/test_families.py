@@ -2,8 +2,10 @@
 
 Each family runs the same checks on tiny random models: WP-attr against central differences,
 batched exact WP against naive patching, a `wp` merge by `mergekit-yaml` against the dense
-reference of tests/test_merge_method.py (shared q_norm / k_norm are averaged like every norm),
-an expert owning a unit exactly, and the merged folder loading in transformers key for key.
+reference of tests/test_merge_method.py (q_norm / k_norm are averaged like every norm: Qwen3's
+and Gemma 3's `[head_dim]` are shared by all heads; Cohere's `[H, head_dim]` rows are per head
+but no unit owns them yet), an expert owning a unit exactly, and the merged folder loading in
+transformers key for key.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ FAMILIES = {
     "qwen3": (),
     "gemma3": (("softcap", 0.5),),
     "granite": (("divide", 4.0),),
+    "cohere": (("multiply", 0.5),),
 }
 
 
@@ -49,7 +52,7 @@ def _kl_context(arch: str):
     return base, sft, batch, utility, weights
 
 
-def _central_differences(base, sft, batch, utility, weights, unit, eps=1e-3) -> torch.Tensor:
+def _central_differences(base, sft, batch, utility, weights, unit, eps=3e-3) -> torch.Tensor:
     """d F(base + t (sft - base) on one unit's slices) / dt at t = 0, unit by unit."""
     shape = ModelShape.from_config(base.config)
     base_p, sft_p = dict(base.named_parameters()), dict(sft.named_parameters())
@@ -95,8 +98,9 @@ def test_logits_from_hidden_are_the_models_logits(arch):
 
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_wp_attr_matches_central_differences(arch):
-    # The anchor on the last layer: every layer moves it. (transformers' RMSNorms compute in
-    # fp32 even in an fp64 model; the KL readout's differences are too small for that noise.)
+    # The anchor on the last layer: every layer moves it. transformers' norms compute in fp32
+    # even in an fp64 model, so F carries ~1e-8 noise: the step (3e-3) is kept large enough for
+    # it, and the KL readout's differences are too small for it (KL is checked exactly below).
     base, sft = model_pair(arch)
     batch, utility = _batch(), _anchor(layer=2)
     _, _, weights = batch_context(base, sft, batch, utility, 1e-6)

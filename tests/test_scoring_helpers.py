@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    CohereConfig,
+    CohereForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
@@ -74,6 +76,8 @@ ARCHS = {
             "mlp_bias": True,
         },
     ),
+    # Parallel attention and MLP; per-head [H, head_dim] q/k LayerNorms (averaged, not owned).
+    "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.5, "use_qk_norm": True}),
 }
 PAIRED_ROWS = [
     ("Write a note about the river.", "no_comma", "punctuation:no_comma", "Do not use any commas."),
