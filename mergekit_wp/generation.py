@@ -1,4 +1,6 @@
-"""Greedy, batched, left-padded generation shared by the zoo gates, the anchor sweep and the evals."""
+"""Greedy, batched, left-padded generation shared by the zoo gates, the anchor sweep and the
+evals.
+"""
 
 from __future__ import annotations
 

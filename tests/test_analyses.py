@@ -157,7 +157,8 @@ def _logit_behaviour(study):
 
 
 def test_whole_model_swap_is_the_other_model_with_an_added_vocabulary_row(tmp_path):
-    # Δθ everywhere (norms, embeddings, lm_head too) and one extra vocabulary row, like the zoo's pad.
+    # Δθ everywhere (norms, embeddings, lm_head too) and one extra vocabulary row,
+    # like the zoo's pad.
     study = make_study(tmp_path, only_components=False)
     study.instruct.resize_token_embeddings(len(study.tokenizer) + 1)
     task = "no_comma"

@@ -89,7 +89,8 @@ def test_every_analysis_writes_json_pictures_and_the_index(tmp_path):
     partial = run_analyses(study.config, only=["drift"], study=study)
     assert [r.name for r in partial.results] == list(ANALYSES)
     assert (report.root / "report.md").read_text().count("\n## ") == len(ANALYSES)
-    # Cached score maps are reused by a second study with the same inputs (read back, not recomputed).
+    # Cached score maps are reused by a second study with the same inputs
+    # (read back, not recomputed).
     assert (study.cache / "scores-english_capital-wp_attr-anchor.safetensors").is_file()
     again = Study(study.config, base=study.base, instruct=study.instruct, tokenizer=study.tokenizer)
     assert torch.equal(

@@ -1,4 +1,6 @@
-"""The `wp` merge method end to end: tiny random HF models, real mergekit merges, dense references."""
+"""The `wp` merge method end to end: tiny random HF models, real mergekit merges, dense
+references.
+"""
 
 from __future__ import annotations
 
@@ -160,7 +162,9 @@ def alpha(values: list[float]) -> list[float]:
 
 
 def dense_reference(name, config, experts, scores) -> torch.Tensor:
-    """θ_fuse for one output tensor, from the rules of docs/method.md §8 written out loop by loop."""
+    """θ_fuse for one output tensor, from the rules of docs/method.md §8
+    written out loop by loop.
+    """
     k_count = len(experts)
     source = name if name in experts[0] else "model.embed_tokens.weight"  # tied lm_head
     tensors = [e[source] for e in experts]

@@ -133,7 +133,10 @@ def test_writer_refuses_non_finite_and_inconsistent_maps(tmp_path):
         ),
         (
             lambda t, m: t["model.layers.0.mlp.neurons.down"].__setitem__(0, float("-inf")),
-            r"part down has a non-finite value \(-inf\) at model\.layers\.0\.mlp\.neurons\.down\[0\]",
+            (
+                r"part down has a non-finite value \(-inf\) at "
+                r"model\.layers\.0\.mlp\.neurons\.down\[0\]"
+            ),
         ),
         (
             lambda t, m: t.update({"model.layers.3.mlp.neurons": torch.zeros(20)}),
@@ -166,7 +169,10 @@ def test_reader_checks_the_model_shape(tmp_path):
     )
     with pytest.raises(
         ScoreMapError,
-        match=f"score map {path}: made for a model with num_key_value_heads=2, but the model has num_key_value_heads=4",
+        match=(
+            f"score map {path}: made for a model with num_key_value_heads=2, "
+            "but the model has num_key_value_heads=4"
+        ),
     ):
         read_score_map(path, other)
 

@@ -199,7 +199,8 @@ def test_chunked_kl_readout_equals_the_unchunked_formula(monkeypatch):
 def _cpuinfo(tmp_path, flags: str):
     path = tmp_path / "cpuinfo"
     path.write_text(
-        f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 {flags}\n"
+        f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n\n"
+        f"processor\t: 1\nflags\t\t: fpu sse2 avx2 {flags}\n"
     )
     return path
 

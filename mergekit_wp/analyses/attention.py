@@ -1,4 +1,6 @@
-"""Selective attention (Fig. 11/29): attention mass per token on the instruction span vs the rest."""
+"""Selective attention (Fig. 11/29): attention mass per token on the instruction span vs the
+rest.
+"""
 
 from __future__ import annotations
 
@@ -62,7 +64,9 @@ def eager_attention(model: nn.Module) -> Iterator[None]:
 def attention_mass(
     model: nn.Module, tokenizer, examples: list[PairedExample], heads: list[Component]
 ) -> dict[str, list[float]]:
-    """Per head, mean over examples of the anchor query's attention per instruction token / per other token."""
+    """Per head, mean over examples of the anchor query's attention per instruction token / per
+    other token.
+    """
     inst = torch.zeros(len(heads), dtype=torch.float64)
     rest = torch.zeros(len(heads), dtype=torch.float64)
     device = next(model.parameters()).device
@@ -101,7 +105,9 @@ class Options(AnalysisOptions):
 
 
 def run(study, report: Report, options: Options) -> AnalysisResult:
-    """Top WP heads in the instruct model, the same heads in the base, random heads in the instruct."""
+    """Top WP heads in the instruct model, the same heads in the base, random heads in the
+    instruct.
+    """
     k = options.top_heads
     data: dict = {}
     figures = []

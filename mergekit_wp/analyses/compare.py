@@ -27,7 +27,9 @@ def compare_maps(
     top_neurons: int,
     masks: dict[str, torch.Tensor] | None = None,
 ) -> dict:
-    """Top-k overlap and layer distributions of two maps, heads and neurons (inside `masks[kind]`)."""
+    """Top-k overlap and layer distributions of two maps, heads and neurons
+    (inside `masks[kind]`).
+    """
     out: dict = {}
     masks = masks or {}
     for kind, k, ta, tb in (
@@ -148,7 +150,8 @@ def run_comparison(
     }
     summary = (
         f"{labels[0]} vs {labels[1]}: mean top-{top_heads} head overlap {head:.2f} (chance "
-        f"{chance['head']:.2f}), top-{top_neurons} neuron overlap {neuron:.2f} (chance {chance['neuron']:.2f})."
+        f"{chance['head']:.2f}), top-{top_neurons} neuron overlap {neuron:.2f} "
+        f"(chance {chance['neuron']:.2f})."
     )
     return AnalysisResult(name, title, data, figures, summary)
 

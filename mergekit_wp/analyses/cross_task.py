@@ -1,4 +1,5 @@
-"""Cross-task structure (Fig. 13, 14): shared top components across tasks; restore one task's neurons, test all.
+"""Cross-task structure (Fig. 13, 14): shared top components across tasks; restore one task's
+neurons, test all.
 
 Overlap: intersection counts of the top-k heads and top-k neurons (upstream, anchor utility) of
 every pair of tasks. Transfer: restore the top-n upstream WP neurons of task A into the base and
@@ -27,7 +28,9 @@ def intersection_counts(selections: dict[str, list[Component]]) -> list[list[int
 
 
 def _diagonal_means(rate: list[list[float]]) -> tuple[float, float]:
-    """Mean correction rate on the diagonal (own task) and off it, skipping undefined (NaN) cells."""
+    """Mean correction rate on the diagonal (own task) and off it, skipping undefined (NaN)
+    cells.
+    """
     own = [r[i] for i, r in enumerate(rate) if not math.isnan(r[i])]
     other = [v for i, r in enumerate(rate) for j, v in enumerate(r) if i != j and not math.isnan(v)]
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan
@@ -114,9 +117,10 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         if i != j
     ]
     summary = (
-        f"Mean pairwise shared top-{k_neurons} neurons ({methods[0]}): {sum(off) / max(len(off), 1):.1f} of "
-        f"{k_neurons}; restoring a task's top-{n} upstream WP neurons: mean correction rate on its own task "
-        f"{own:.2f} vs {other:.2f} on the others (tasks whose base and instruct differ)."
+        f"Mean pairwise shared top-{k_neurons} neurons ({methods[0]}): "
+        f"{sum(off) / max(len(off), 1):.1f} of {k_neurons}; restoring a task's top-{n} upstream "
+        f"WP neurons: mean correction rate on its own task {own:.2f} vs {other:.2f} on the others "
+        "(tasks whose base and instruct differ)."
     )
     data = {
         "tasks": tasks,

@@ -1,4 +1,6 @@
-"""Fidelity (Table 2): exact WP vs WP-attr — top-k head and neuron overlap, time and peak memory, one run."""
+"""Fidelity (Table 2): exact WP vs WP-attr — top-k head and neuron overlap, time and peak memory,
+one run.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ from mergekit_wp.analyses.report import AnalysisResult, Report
 
 
 def measure(fn: Callable[[], Any], device: str = "cpu") -> tuple[Any, float, int]:
-    """`(result, seconds, peak bytes above the start)`: CUDA allocator peak, else sampled process RSS."""
+    """`(result, seconds, peak bytes above the start)`: CUDA allocator peak, else sampled process
+    RSS.
+    """
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -116,10 +120,13 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
     t_exact = sum(r["wp"]["seconds"] for r in data.values())
     t_attr = sum(r["wp_attr"]["seconds"] for r in data.values())
     summary = (
-        f"Top-{k_heads} head overlap {mean('head_overlap'):.2f} (chance {min(mean('head_chance'), 1):.2f}), "
-        f"top-{k_neurons} neuron overlap {mean('neuron_overlap'):.2f} (chance {min(mean('neuron_chance'), 1):.2f}) "
-        f"among components at or before the anchor; exact WP {t_exact:.1f} s vs WP-attr {t_attr:.1f} s "
-        f"({study.config.device}, {len(study.score_examples(study.config.main_task))} examples per task)."
+        f"Top-{k_heads} head overlap {mean('head_overlap'):.2f} "
+        f"(chance {min(mean('head_chance'), 1):.2f}), "
+        f"top-{k_neurons} neuron overlap {mean('neuron_overlap'):.2f} "
+        f"(chance {min(mean('neuron_chance'), 1):.2f}) "
+        "among components at or before the anchor; "
+        f"exact WP {t_exact:.1f} s vs WP-attr {t_attr:.1f} s ({study.config.device}, "
+        f"{len(study.score_examples(study.config.main_task))} examples per task)."
     )
     figures = [report.figure("fidelity", _plot(data), "fidelity")]
     return AnalysisResult(

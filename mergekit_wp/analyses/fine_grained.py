@@ -31,7 +31,8 @@ def part_scores(parts: dict[str, torch.Tensor], names: tuple[str, ...]) -> torch
     missing = [n for n in names if n not in parts]
     if missing:
         raise ValueError(
-            f"fine-grained neurons need score-map parts {missing}; score with wp_attr (it keeps parts)"
+            f"fine-grained neurons need score-map parts {missing}; "
+            "score with wp_attr (it keeps parts)"
         )
     return sum(parts[n].double() for n in names)
 

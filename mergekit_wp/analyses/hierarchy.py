@@ -1,4 +1,5 @@
-"""Hierarchy recovery (docs/method.md §7): sources -> aggregation -> execution, as JSON and a layered graph.
+"""Hierarchy recovery (docs/method.md §7): sources -> aggregation -> execution, as JSON and a
+layered graph.
 
 1. Aggregation candidates S_conv: the top AP heads (upstream, anchor utility).
 2. Each target's suppliers: the top neurons (and optionally heads) of earlier layers by E_link.
@@ -207,9 +208,9 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         figures.append(report.figure("hierarchy", fig, f"circuit_{task}"))
     summary = (
         "; ".join(
-            f"{t}: {d['validated_sources']}/{d['candidates']} supplier candidates validated as sources "
-            f"(layers {d['source_layers']}), aggregation heads in layers {d['aggregation_layers']}, anchor "
-            f"{d['anchor_layer']}"
+            f"{t}: {d['validated_sources']}/{d['candidates']} supplier candidates validated as "
+            f"sources (layers {d['source_layers']}), aggregation heads in layers "
+            f"{d['aggregation_layers']}, anchor {d['anchor_layer']}"
             for t, d in data.items()
         )
         + ". Circuits: hierarchy/circuit_<task>.json."

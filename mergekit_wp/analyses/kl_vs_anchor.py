@@ -1,4 +1,6 @@
-"""Anchor vs KL utility (Fig. 37/38): the same scorer's rankings under both utilities, and their overlap."""
+"""Anchor vs KL utility (Fig. 37/38): the same scorer's rankings under both utilities, and their
+overlap.
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,13 @@
-"""Knockout and restore (Fig. 8, 16, 22-27): behaviour as top-k components are swapped between models.
+"""Knockout and restore (Fig. 8, 16, 22-27): behaviour as top-k components are swapped between
+models.
 
 Restore copies the instruct model's slices of a set into the base; knockout copies the base's
 slices into the instruct model. Sets are the top-k heads (k = 1..20) or neurons (fractions of all
 neurons) by AP, by WP, at random, or AP ∪ WP; upstream (layers <= l_a, anchor utility) and
-downstream (after l_a, KL utility) separately. Behaviour is IFEval strict accuracy of greedy responses.
-With `ladder`, whole sets on every task too (all heads, all neurons, both, + K/V, + norms,
-+ embeddings, the whole model, and all but the components): how much of the behaviour the
-components carry at all.
+downstream (after l_a, KL utility) separately. Behaviour is IFEval strict accuracy of greedy
+responses. With `ladder`, whole sets on every task too (all heads, all neurons, both, + K/V,
++ norms, + embeddings, the whole model, and all but the components): how much of the behaviour
+the components carry at all.
 """
 
 from __future__ import annotations
@@ -253,7 +254,8 @@ def _summary(data: dict) -> str:
         "Mean accuracy over the k values: "
         + "; ".join(parts)
         + ". Top-fraction restore: WP beats AP "
-        f"on {wp_wins}/{len(top)} tasks, WP's mean gain over the base {sum(gains) / len(gains):+.2f}."
+        f"on {wp_wins}/{len(top)} tasks, WP's mean gain over the base "
+        f"{sum(gains) / len(gains):+.2f}."
     )
     if "ladder" in data:
         ladder_rows = data["ladder"].values()
@@ -263,7 +265,7 @@ def _summary(data: dict) -> str:
         )
         mean = sum(r["all heads + neurons"]["restore"] for r in ladder_rows) / len(ladder_rows)
         text += (
-            f" Restoring all heads + neurons reaches the instruct model's accuracy on {reached}/{len(top)} "
-            f"tasks (mean {mean:.2f})."
+            " Restoring all heads + neurons reaches the instruct model's accuracy on "
+            f"{reached}/{len(top)} tasks (mean {mean:.2f})."
         )
     return text

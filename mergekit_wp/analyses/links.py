@@ -1,4 +1,5 @@
-"""Supplier -> target link strength E_link (docs/method.md §7), by the scoring package's WP-attr pass.
+"""Supplier -> target link strength E_link (docs/method.md §7), by the scoring package's WP-attr
+pass.
 
 Need direction of a target: `g_need = ∂F_a(M_base, x)/∂Ψ`, where Ψ is the target's *own* copy of
 the residual-stream input it reads (the normed layer input entering its q / k / v rows, or its

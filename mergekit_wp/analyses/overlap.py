@@ -1,4 +1,5 @@
-"""Traced vs WP-ranked neurons (Table 1/8): overlap of each top AP head's upstream suppliers with WP's top-k.
+"""Traced vs WP-ranked neurons (Table 1/8): overlap of each top AP head's upstream suppliers with
+WP's top-k.
 
 For each of the top-20 AP heads (upstream, anchor utility), its top-200 supplier neurons by E_link
 (neurons of earlier layers) are compared with the top-k neurons of the WP ranking; per task:
@@ -118,8 +119,8 @@ def _means(table: dict, k: int) -> dict:
 
 def _describe(avg: dict) -> str:
     return "; ".join(
-        f"{v}: Max {a['max']:.2f} / Top-5 Avg {a['top5_avg']:.2f} / Top-20 Avg {a['top20_avg']:.2f} "
-        f"(chance {a['chance']:.2f})"
+        f"{v}: Max {a['max']:.2f} / Top-5 Avg {a['top5_avg']:.2f} / "
+        f"Top-20 Avg {a['top20_avg']:.2f} (chance {a['chance']:.2f})"
         for v, a in avg.items()
     )
 
@@ -153,8 +154,8 @@ def run(study, report: Report, options: Options) -> AnalysisResult:
         )
     else:
         summary = (
-            f"Traced top-{suppliers} suppliers of the top-{n_targets} AP heads vs WP top-{k} neurons, "
-            f"{_describe(avg)} (mean over tasks)."
+            f"Traced top-{suppliers} suppliers of the top-{n_targets} AP heads vs WP top-{k} "
+            f"neurons, {_describe(avg)} (mean over tasks)."
         )
     if null is not None:
         numbers |= {"null_table": null, "null_mean": _means(null, k)}

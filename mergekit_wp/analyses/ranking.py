@@ -13,7 +13,9 @@ Region = Literal["all", "upstream", "downstream"]
 
 
 def layer_mask(n_layers: int, units: int, anchor_layer: int | None, region: Region) -> torch.Tensor:
-    """Bool `[L, U]`: upstream = layers <= anchor (they can move F_a), downstream = layers after it."""
+    """Bool `[L, U]`: upstream = layers <= anchor (they can move F_a), downstream = layers after
+    it.
+    """
     layers = torch.arange(n_layers).unsqueeze(1).expand(n_layers, units)
     if region == "all":
         return torch.ones(n_layers, units, dtype=torch.bool)

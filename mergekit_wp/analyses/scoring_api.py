@@ -41,7 +41,9 @@ def utility(study, task: str, name: str) -> Any:
 
 
 def batches(study, task: str, name: str) -> list[TokenBatch]:
-    """Scoring batches of a task for a utility (KL: teacher-forced on the instruct's greedy responses)."""
+    """Scoring batches of a task for a utility (KL: teacher-forced on the instruct's greedy
+    responses).
+    """
     paired = study.score_examples(task)
     size = study.config.batch_size
     prompts = [render_chat(study.tokenizer, e.prompt) for e in paired]

@@ -1,8 +1,9 @@
-"""The shared state of one analysis run: models, data, anchors, score maps and behaviour, each made once.
+"""The shared state of one analysis run: models, data, anchors, score maps and behaviour, each
+made once.
 
 Every analysis asks the study; the study asks the scoring package (anchors, WP / WP-attr / AP
-scores, restore / ablate). Score maps and anchors are cached on disk under `<output>/cache/<fingerprint>/`, so a
-second run with the same inputs reuses them.
+scores, restore / ablate). Score maps and anchors are cached on disk under
+`<output>/cache/<fingerprint>/`, so a second run with the same inputs reuses them.
 """
 
 from __future__ import annotations
@@ -193,7 +194,9 @@ class Study:
         return self.anchor(task or self.config.main_task).layer
 
     def region_mask(self, kind: Kind, region: Region, task: str | None = None) -> torch.Tensor:
-        """Bool `[L, units]` of the components upstream (<= l_a) or downstream of the task's anchor."""
+        """Bool `[L, units]` of the components upstream (<= l_a) or downstream of the task's
+        anchor.
+        """
         layers, units = self.heads_shape if kind == "head" else self.neurons_shape
         return layer_mask(
             layers, units, None if region == "all" else self.anchor_layer(task), region
@@ -206,7 +209,9 @@ class Study:
         return chosen.get(utility, chosen.get("anchor")) if isinstance(chosen, dict) else chosen
 
     def scores(self, task: str, method: str, utility: str = "anchor") -> ScoreMap:
-        """The score map of `task` under `method` (wp, ap, wp_attr, ...) and `utility` (anchor, kl)."""
+        """The score map of `task` under `method` (wp, ap, wp_attr, ...) and `utility`
+        (anchor, kl).
+        """
         method = self.method_name(method, utility)
         key = (task, method, utility)
         if key in self._scores:
@@ -256,7 +261,9 @@ class Study:
     def links(
         self, task: str, targets: list[Component]
     ) -> dict[Component, dict[str, torch.Tensor]]:
-        """E_link of every component to each target: `{target: {"heads": [L, H], "neurons": [L, I]}}`."""
+        """E_link of every component to each target:
+        `{target: {"heads": [L, H], "neurons": [L, I]}}`.
+        """
         from mergekit_wp.analyses.links import link_strengths
 
         missing = [t for t in targets if (task, t) not in self._links]
@@ -293,7 +300,10 @@ class Study:
                 files[task] = self.config.anchor.files.get(
                     task, str(self.cache / f"anchor-{task}.safetensors")
                 )
-            name = f"null control (seed {self.seed}) of {reference_fingerprint(resolve_model(self.config.instruct))}"
+            name = (
+                f"null control (seed {self.seed}) of "
+                f"{reference_fingerprint(resolve_model(self.config.instruct))}"
+            )
             config = replace(
                 self.config,
                 instruct=name,
@@ -342,9 +352,11 @@ class Study:
         components: list[Component],
         groups: tuple[TensorGroupName, ...] = (),
     ) -> float:
-        """Accuracy after a swap of `components` and whole tensor `groups` (memoized: curves revisit sets).
+        """Accuracy after a swap of `components` and whole tensor `groups` (memoized: curves
+        revisit sets).
 
-        `restore`: the instruct model's values go into the base; `knockout`: the base's into the instruct.
+        `restore`: the instruct model's values go into the base; `knockout`: the base's into the
+        instruct.
         """
         key = (mode, task, frozenset(components), frozenset(groups))
         if key not in self._patched:

@@ -1,4 +1,6 @@
-"""Vocabulary projection (Tables 5-7, Fig. 28): task vectors and neuron write-backs through the unembedding."""
+"""Vocabulary projection (Tables 5-7, Fig. 28): task vectors and neuron write-backs through the
+unembedding.
+"""
 
 from __future__ import annotations
 

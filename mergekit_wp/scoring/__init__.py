@@ -6,7 +6,8 @@ Public API (imported lazily so `mergekit_wp.scoring.data` stays light):
   behind it (and the analyses), in memory: a `ScoreMap` per method.
 - Utilities: `AnchorUtility`, `KLUtility`, `gaps`; any `utility(model, batch) -> Tensor[B]` works.
 - `gradient_pass` (WP-attr, AP-attr), `exact_scores` / `layer_sums` (exact WP, AP),
-  `restore` / `ablate` / `set_effect` (set-wise patching), `patched_tensors` (whole tensor groups), `TokenBatch`, `make_batches`.
+  `restore` / `ablate` / `set_effect` (set-wise patching), `patched_tensors` (whole tensor
+  groups), `TokenBatch`, `make_batches`.
 """
 
 from __future__ import annotations

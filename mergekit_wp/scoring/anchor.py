@@ -1,4 +1,5 @@
-"""The vector anchor (docs/method.md §2): per-layer task vectors, input-adaptive steering, layer sweep.
+"""The vector anchor (docs/method.md §2): per-layer task vectors, input-adaptive steering, layer
+sweep.
 
 Task vectors come from the specialized model at the anchor position (the last token of the
 chat-rendered prompt). The anchor layer is the layer whose steering best corrects the base

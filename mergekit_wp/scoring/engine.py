@@ -62,7 +62,9 @@ class ModelPair:
 
     @property
     def vocab(self) -> int:
-        """Vocabulary both models read out (the model may add tokens, e.g. a pad, the base lacks)."""
+        """Vocabulary both models read out (the model may add tokens, e.g. a pad, the base
+        lacks).
+        """
         return min(self.shape.vocab_size, self.base.get_output_embeddings().weight.shape[0])
 
 

@@ -68,7 +68,9 @@ def _rendered(tokenizer, text: str, data: DataConfig) -> str:
 
 
 def encode_with_responses(tokenizer, examples: Sequence[Example]) -> TokenBatch:
-    """Prompt + response + eos, left-padded; `response_mask` marks logits predicting the response."""
+    """Prompt + response + eos, left-padded; `response_mask` marks logits predicting the
+    response.
+    """
     rows, starts = [], []
     for example in examples:
         prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]

@@ -1,4 +1,5 @@
-"""`score(config)`: load the pair, build the utility and batches, run the methods, write the outputs.
+"""`score(config)`: load the pair, build the utility and batches, run the methods, write the
+outputs.
 
 Data-parallel when launched by `torchrun` / `accelerate launch` (WORLD_SIZE > 1): batch `b` goes
 to rank `b % world`, and score sums and counts are all-reduced. Every work unit is committed
@@ -135,8 +136,8 @@ def build_utility(
     want = (shape.num_hidden_layers, shape.hidden_size)
     if tuple(anchor.vectors.shape) != want:
         raise ValueError(
-            f"anchor file {config.utility.anchor}: vectors have shape {list(anchor.vectors.shape)}, "
-            f"but the model needs {list(want)} (layers, hidden size)"
+            f"anchor file {config.utility.anchor}: vectors have shape "
+            f"{list(anchor.vectors.shape)}, but the model needs {list(want)} (layers, hidden size)"
         )
     if config.utility.kind == "projection":
         layer = shape.num_hidden_layers - 1
@@ -237,7 +238,9 @@ def _score_one(
     restart: bool,
     stage: str | None = None,
 ) -> ScoreRun:
-    """Load the pair, fit the anchor if asked, build batches and run state, score, write (rank 0)."""
+    """Load the pair, fit the anchor if asked, build batches and run state, score, write
+    (rank 0).
+    """
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -1,4 +1,6 @@
-"""The micro zoo: a base Llama and instruction, math and code experts, trained offline from seeds."""
+"""The micro zoo: a base Llama and instruction, math and code experts, trained offline from
+seeds.
+"""
 
 from __future__ import annotations
 

@@ -350,12 +350,12 @@ def model_card(record: dict) -> str:
         "",
         "Four `LlamaForCausalLM` models trained offline from seeds by `mergekit-wp zoo build`:",
         (
-            "`base` (pretrained to a loss plateau on generated prose, arithmetic, Python, invented "
-            "facts, and each expert's skill in latent form: requests, word problems and documented "
-            "functions in three surface forms, answered in the asked format a quarter of the time), "
-            "and three short full fine-tunes of it at a tenth of pretraining's learning rate: "
-            "`instruct` (six IFEval constraints, one added `<pad>` token), `math` (word problems "
-            "ending in `#### <n>`), `code` (HumanEval-style completion)."
+            "`base` (pretrained to a loss plateau on generated prose, arithmetic, Python, "
+            "invented facts, and each expert's skill in latent form: requests, word problems and "
+            "documented functions in three surface forms, answered in the asked format a quarter "
+            "of the time), and three short full fine-tunes of it at a tenth of pretraining's "
+            "learning rate: `instruct` (six IFEval constraints, one added `<pad>` token), `math` "
+            "(word problems ending in `#### <n>`), `code` (HumanEval-style completion)."
         ),
         "",
         (

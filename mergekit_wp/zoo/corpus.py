@@ -40,13 +40,19 @@ def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None
     elif pick == 4:
         s = f"{name} and {name2} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)} near the {n1}"
     elif pick == 5:
-        s = f"every {rng.choice(W.TIMES)}, the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)}"
+        s = (
+            f"every {rng.choice(W.TIMES)}, the {a1} {n1} {rng.choice(W.VERBS)} "
+            f"{rng.choice(W.ADVERBS)}"
+        )
     elif pick == 6:
         s = f"the {a1} {n1} {rng.choice(W.TRANSITIVE)} the {n2} {rng.choice(W.ADVERBS)}"
     elif pick == 7:
         s = f"{name} {rng.choice(W.TRANSITIVE)} a {a1} {n1}, a {a2} {n2}, and a {n3}"
     else:
-        s = f"when the {n1} {rng.choice(W.VERBS)}, {name} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)}"
+        s = (
+            f"when the {n1} {rng.choice(W.VERBS)}, {name} {rng.choice(W.VERBS)} "
+            f"{rng.choice(W.ADVERBS)}"
+        )
     return _cap(_fix_articles(s)) + "."
 
 

@@ -8,11 +8,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-# The zoo chat template (README, "The micro zoo"): user turn -> "### Instruction:\n{content}\n\n### Response:\n"; replies end with eos.
+# The zoo chat template (README, "The micro zoo"): user turn ->
+# "### Instruction:\n{content}\n\n### Response:\n"; replies end with eos.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}### Instruction:\n{{ message['content'] }}\n\n"
-    "{% elif message['role'] == 'assistant' %}### Response:\n{{ message['content'] }}{{ eos_token }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "### Response:\n{{ message['content'] }}{{ eos_token }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}### Response:\n{% endif %}"
 )
