@@ -14,7 +14,10 @@ Glossary (the names used across the package):
   gate, up, down (neurons). Score maps keep the head and neuron parts.
 - role: how one per-layer HF tensor splits into units: its module, unit, the axis that indexes
   units, its part, whether its bias is per unit or shared by the layer, and whether it writes
-  the unit's output into the residual stream (o, down).
+  the unit's output into the residual stream (o, down). A fused tensor (Phi-3's `qkv_proj`,
+  `gate_up_proj`) has one role per block of rows; a block starts after the blocks of the units
+  its role names in `after`. A role may be a norm's weight split per unit (OLMo 2's `q_norm`
+  `[H*head_dim]`, part q), whose statistics span every unit (`spans_units`).
 - site: the module holding a unit's roles (`self_attn` for heads and KV groups, `mlp` for
   neurons); its output is what a unit changes.
 - tensor group: which set a stored tensor falls in: `component` (head / neuron slices), `kv`,
@@ -71,6 +74,12 @@ class TensorRole:
     part: str  # score-map part name: q, o, k, v, gate, up, down
     unit_bias: bool  # its bias splits like its rows (q_proj); else the layer shares it (o_proj)
     writes_residual: bool = False  # its input is the units' outputs (o_proj, down_proj)
+    # Units whose blocks come first in a fused tensor: Phi-3's qkv_proj holds q rows, then k
+    # (after ["head"]), then v (after ["head", "kv_group"]).
+    after: tuple[Unit, ...] = ()
+    # The weight of a norm over all of the layer's units at once (OLMo 2's q_norm [H*hd]): it
+    # splits per unit, but one unit's read rows change every unit's normalised input.
+    spans_units: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,7 +104,7 @@ class ArchitectureFamily:
 
 _FAMILY_KEYS = {f.name for f in fields(ArchitectureFamily)}
 _ROLE_REQUIRED = {"module", "site", "unit", "axis", "part", "bias"}  # "bias": "unit" or "shared"
-_ROLE_KEYS = _ROLE_REQUIRED | {"writes_residual"}
+_ROLE_KEYS = _ROLE_REQUIRED | {"writes_residual", "after", "spans_units"}
 
 
 def _family_from_table(source: str, table: dict[str, Any]) -> ArchitectureFamily:
@@ -112,7 +121,7 @@ def _family_from_table(source: str, table: dict[str, Any]) -> ArchitectureFamily
         if not _ROLE_REQUIRED <= set(raw) <= _ROLE_KEYS:
             raise fail(
                 f"roles[{i}] has keys {sorted(raw)}; expected {sorted(_ROLE_REQUIRED)} "
-                "and optionally writes_residual"
+                f"and optionally {sorted(_ROLE_KEYS - _ROLE_REQUIRED)}"
             )
         if raw["site"] not in get_args(Site) or raw["unit"] not in get_args(Unit):
             raise fail(
@@ -120,10 +129,25 @@ def _family_from_table(source: str, table: dict[str, Any]) -> ArchitectureFamily
             )
         if raw["bias"] not in ("unit", "shared") or raw["axis"] not in (0, 1):
             raise fail(f"roles[{i}]: bias must be 'unit' or 'shared' and axis 0 or 1")
-        role = {k: v for k, v in raw.items() if k != "bias"}
-        roles.append(TensorRole(**role, unit_bias=raw["bias"] == "unit"))
+        after = raw.get("after", [])
+        if not isinstance(after, list) or not set(after) <= set(get_args(Unit)):
+            raise fail(f"roles[{i}]: after must be a list of units out of {get_args(Unit)}")
+        role = {k: v for k, v in raw.items() if k not in ("bias", "after")}
+        roles.append(TensorRole(**role, unit_bias=raw["bias"] == "unit", after=tuple(after)))
+    for module in dict.fromkeys((r.site, r.module) for r in roles):
+        # A fused tensor's blocks follow each other: the n-th lists the n before it.
+        blocks = sorted(
+            (r for r in roles if (r.site, r.module) == module), key=lambda r: len(r.after)
+        )
+        for n, role in enumerate(blocks):
+            if role.after != tuple(r.unit for r in blocks[:n]):
+                raise fail(
+                    f"roles of {module[1]}: block {n} ({role.part}) must have after "
+                    f"{[r.unit for r in blocks[:n]]}, the units of the blocks before it; "
+                    f"got {list(role.after)}"
+                )
     for kind, parts in (("head", HEAD_PARTS), ("neuron", NEURON_PARTS)):
-        have = tuple(r.part for r in roles if r.unit == kind)
+        have = tuple(dict.fromkeys(r.part for r in roles if r.unit == kind))
         writers = [r.part for r in roles if r.unit == kind and r.writes_residual]
         if have != parts or len(writers) != 1:
             raise fail(
@@ -181,7 +205,14 @@ class WeightInfo:
     layer: int | None
     module: str | None  # "self_attn.q_proj", "mlp.down_proj", "input_layernorm", ...
     param: str  # "weight" or "bias"
-    role: TensorRole | None  # None: not split into components (norms, embeddings, lm_head)
+    # One per block of rows (several in a fused tensor); none: not split into components
+    # (norms, embeddings, lm_head).
+    roles: tuple[TensorRole, ...]
+
+    @property
+    def role(self) -> TensorRole | None:
+        """The role of the tensor's first (in an unfused tensor, its only) block."""
+        return self.roles[0] if self.roles else None
 
 
 @dataclass(frozen=True)
@@ -318,40 +349,74 @@ class ModelShape:
         )
         if not match:
             param = name.rsplit(".", 1)[-1]
-            return WeightInfo(name, None, None, param, None)
+            return WeightInfo(name, None, None, param, ())
         layer, module, param = int(match[1]), match[2], match[3]
-        paths = {f"{self.family.site_module(r.site)}.{r.module}": r for r in self.family.roles}
-        role = paths.get(module)
-        if role is not None and param == "bias" and not role.unit_bias:
-            role = None  # o_proj / down_proj biases are shared by all units of the layer
-        return WeightInfo(name, layer, module, param, role)
+        roles = tuple(
+            sorted(
+                (
+                    r
+                    for r in self.family.roles
+                    if f"{self.family.site_module(r.site)}.{r.module}" == module
+                ),
+                key=self.role_offset,
+            )
+        )
+        if param == "bias" and not all(r.unit_bias for r in roles):
+            roles = ()  # o_proj / down_proj biases are shared by all units of the layer
+        return WeightInfo(name, layer, module, param, roles)
 
     def tensor_group(self, name: str) -> TensorGroupName:
         """Which Θ a stored tensor belongs to: head / neuron slices, a KV group's, or none.
 
         Of the tensors no component owns, `embedding` and `unembedding` (`lm_head`) have one row
-        per token; `other` are the norms and shared o/down biases.
+        per token; `other` are the norms and shared o/down biases. Of a fused tensor, the group
+        of its first block (`tensor_blocks` gives each block's).
         """
         role = self.parse(name).role
         if role is not None:
-            return "kv" if role.unit == "kv_group" else "component"
+            return _unit_group(role.unit)
         module = name.rsplit(".", 1)[0]
         return {self.family.embedding: "embedding", self.family.unembedding: "unembedding"}.get(
             module, "other"
         )
 
+    def tensor_blocks(
+        self, name: str, ndim: int
+    ) -> tuple[tuple[TensorGroupName, tuple[slice, ...]], ...]:
+        """(tensor group, index expression) of each block of a stored tensor: one per role of
+        a fused tensor (Phi-3's qkv_proj: component, kv, kv), else the whole tensor's group."""
+        roles = self.parse(name).roles
+        if not roles:
+            return ((self.tensor_group(name), (slice(None),) * ndim),)
+        return tuple((_unit_group(r.unit), self.role_block(r, ndim)) for r in roles)
+
+    def role_offset(self, role: TensorRole) -> int:
+        """First row (or column) of a role's block: 0 unless its tensor is fused."""
+        return sum(self.unit_count(u) * self.unit_width(u) for u in role.after)
+
+    def _axis_slice(self, role: TensorRole, ndim: int, start: int, stop: int) -> tuple[slice, ...]:
+        offset = self.role_offset(role)
+        sl = [slice(None)] * ndim
+        sl[role.axis if ndim > 1 else 0] = slice(offset + start, offset + stop)
+        return tuple(sl)
+
+    def role_block(self, role: TensorRole, ndim: int) -> tuple[slice, ...]:
+        """Index expression selecting every unit of a role: the whole tensor unless fused."""
+        return self._axis_slice(
+            role, ndim, 0, self.unit_count(role.unit) * self.unit_width(role.unit)
+        )
+
     def unit_slice(self, role: TensorRole, index: int, ndim: int) -> tuple[slice, ...]:
         """Index expression selecting unit `index` of a tensor with this role."""
         width = self.unit_width(role.unit)
-        sl = [slice(None)] * ndim
-        sl[role.axis if ndim > 1 else 0] = slice(index * width, (index + 1) * width)
-        return tuple(sl)
+        return self._axis_slice(role, ndim, index * width, (index + 1) * width)
 
     def roles(self, unit: Unit | None = None) -> tuple[TensorRole, ...]:
         return tuple(r for r in self.family.roles if unit is None or r.unit == unit)
 
     def role(self, part: str) -> TensorRole:
-        """The role of a part name (q, o, k, v, gate, up, down)."""
+        """The role of a part name (q, o, k, v, gate, up, down); its first, a projection's,
+        where a norm's weight shares the part (OLMo 2's q_norm)."""
         for role in self.family.roles:
             if role.part == part:
                 return role
@@ -370,7 +435,8 @@ class ModelShape:
         """(tensor name, role) of every stored tensor of layer `layer` that `unit`s split.
 
         Biases are listed only where they are per-unit (q_proj); callers skip names their
-        checkpoint lacks (Llama has no q bias, Qwen2 has one).
+        checkpoint lacks (Llama has no q bias, Qwen2 has one). A fused tensor is listed once per
+        role (Phi-3's gate_up_proj: gate, then up); `role_block` selects the role's rows.
         """
         for role in self.roles(unit):
             for param in params:
@@ -379,15 +445,31 @@ class ModelShape:
 
     def slices(
         self, component: Component, params: tuple[str, ...] = ("weight", "bias")
-    ) -> dict[str, tuple[slice, ...]]:
+    ) -> dict[str, tuple[Any, ...]]:
         """Θ(c): tensor name -> index expression for every stored slice that component owns.
 
-        Biases as in `unit_tensors`.
+        Biases as in `unit_tensors`. A unit with rows in several blocks of a fused tensor
+        (Phi-3's neuron j: rows j and I + j of gate_up_proj) gets them as one index tensor.
         """
-        return {
-            name: self.unit_slice(role, component.index, 2 if name.endswith(".weight") else 1)
-            for name, role in self.unit_tensors(component.layer, component.kind, params)
-        }
+        import torch
+
+        out: dict[str, tuple[Any, ...]] = {}
+        for name, role in self.unit_tensors(component.layer, component.kind, params):
+            # Norm weights (spans_units) and biases are vectors; the rest are [out, in].
+            ndim = 1 if role.spans_units or name.endswith(".bias") else 2
+            index = self.unit_slice(role, component.index, ndim)
+            if name in out:  # a later block of a fused tensor: join the rows as indices
+                axis = role.axis if ndim > 1 else 0
+                rows = [out[name][axis], index[axis]]
+                joined = torch.cat(
+                    [
+                        r if isinstance(r, torch.Tensor) else torch.arange(r.start, r.stop)
+                        for r in rows
+                    ]
+                )
+                index = index[:axis] + (joined,) + index[axis + 1 :]
+            out[name] = index
+        return out
 
     def unit_index(self, unit: Unit, units: Any) -> Any:
         """Indices along a role's unit axis owned by `units` (in order): `head_dim` per head."""
@@ -417,6 +499,10 @@ class ModelShape:
             else:  # softcap
                 logits = torch.tanh(logits / value) * value
         return logits
+
+
+def _unit_group(unit: Unit) -> TensorGroupName:
+    return "kv" if unit == "kv_group" else "component"
 
 
 def load_shape(model_path_or_config: Any) -> ModelShape:

@@ -225,12 +225,17 @@ def tensor_coefficients(
     k, ndim = len(maps), len(size)
     if info is None or info.role is None:  # embeddings, norms, lm_head, shared biases
         return torch.full((k,) + (1,) * ndim, 1.0 / k, dtype=torch.float64)
-    per_index = shape.unit_weights_for(info.role, unit_weights(shape, info.role, info.layer, maps))
+    # One block per role, in order (a fused tensor such as Phi-3's qkv_proj has several).
+    per_index = torch.cat(
+        [shape.unit_weights_for(r, unit_weights(shape, r, info.layer, maps)) for r in info.roles],
+        dim=1,
+    )
     axis = info.role.axis if ndim > 1 else 0
     if per_index.shape[1] != size[axis]:
+        implied = " + ".join(f"{r.unit} x {shape.unit_width(r.unit)}" for r in info.roles)
         raise ValueError(
             f"wp: {name} has {size[axis]} entries along axis {axis}, but the base config "
-            f"implies {per_index.shape[1]} ({info.role.unit} x {shape.unit_width(info.role.unit)})"
+            f"implies {per_index.shape[1]} ({implied})"
         )
     view = [k] + [1] * ndim
     view[1 + axis] = -1

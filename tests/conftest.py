@@ -58,6 +58,35 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
+def central_differences(base, sft, batch, utility, weights, unit, eps) -> torch.Tensor:
+    """`[L, units]`: d F(base + t (sft - base) on one unit's slices) / dt at t = 0, weighted by
+    `weights` over the batch, unit by unit (the reference WP-attr is checked against)."""
+    from mergekit_wp.components import Component, ModelShape
+
+    shape = ModelShape.from_config(base.config)
+    base_p, sft_p = dict(base.named_parameters()), dict(sft.named_parameters())
+    out = torch.zeros(shape.num_hidden_layers, shape.unit_count(unit), dtype=torch.float64)
+    for layer in range(shape.num_hidden_layers):
+        for index in range(shape.unit_count(unit)):
+            slices = [
+                (n, s)
+                for n, s in shape.slices(Component(unit, layer, index)).items()
+                if n in base_p
+            ]
+            saved = [base_p[n][s].clone() for n, s in slices]
+            values = []
+            for sign in (1, -1):
+                with torch.no_grad():
+                    for (n, s), old in zip(slices, saved):
+                        base_p[n][s] = old + sign * eps * (sft_p[n][s] - old)
+                values.append(utility(base, batch).double())
+            with torch.no_grad():
+                for (n, s), old in zip(slices, saved):
+                    base_p[n][s] = old
+            out[layer, index] = ((values[0] - values[1]) / (2 * eps)) @ weights
+    return out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def registered_merge_methods():
     """`wp` and `widen` registered, as Python code that runs mergekit's merge itself does first

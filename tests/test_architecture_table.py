@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from mergekit_wp.components import (
     FAMILIES,
+    Component,
     ModelShape,
     _family_from_table,
     family_of,
@@ -21,6 +22,7 @@ from mergekit_wp.scoring.forward import logits_from_hidden
 from tests.test_components import ARCHS, config_of
 from tests.test_families import FAMILIES as TABLE_ONLY
 from tests.test_scoring_helpers import ARCHS as PAIRS
+from tests.test_scoring_helpers import arch_config
 
 
 def _model(architecture: str, **overrides):
@@ -126,6 +128,17 @@ def _llama_table() -> dict:
             r"head roles must have parts \('q', 'o'\)",
         ),
         (lambda t: t["roles"][5].update(part="upper"), r"neuron roles must have parts"),
+        (lambda t: t["roles"][3].update(after="head"), r"roles\[3\]: after must be a list"),
+        # v_proj is not fused: its only block follows none.
+        (
+            lambda t: t["roles"][3].update(after=["head"]),
+            r"roles of v_proj: block 0 \(v\) must have after \[\]",
+        ),
+        # Fused like Phi-3's gate_up_proj, but the up block does not say it follows gate.
+        (
+            lambda t: t["roles"][5].update(module="gate_proj"),
+            r"roles of gate_proj: block 1 \(.*\) must have after \['neuron'\]",
+        ),
         (lambda t: t["logits"].append({"op": "clip", "config_key": "x"}), r"logits\[0\] must be"),
     ],
 )
@@ -136,3 +149,21 @@ def test_a_bad_table_is_refused_naming_the_file_and_key(edit, message):
         ValueError, match=r"architecture table _data/architectures/bad\.json: " + message
     ):
         _family_from_table("_data/architectures/bad.json", table)
+
+
+def test_fused_tensors_split_into_blocks_of_rows():
+    # Phi-3 (tests/test_scoring_helpers): H=4, KV=2, head_dim 8, I=16; qkv_proj is [64, 32].
+    shape = ModelShape.from_config(arch_config("phi3"))
+    qkv = "model.layers.1.self_attn.qkv_proj.weight"
+    gate_up = "model.layers.1.mlp.gate_up_proj.weight"
+    assert [(g, i[0]) for g, i in shape.tensor_blocks(qkv, 2)] == [
+        ("component", slice(0, 32)),
+        ("kv", slice(32, 48)),
+        ("kv", slice(48, 64)),
+    ]
+    assert shape.slices(Component("head", 1, 2))[qkv] == (slice(16, 24), slice(None))
+    rows, columns = shape.slices(Component("neuron", 1, 3))[gate_up]
+    assert rows.tolist() == [3, 19] and columns == slice(None)  # gate row j, up row I + j
+    k, v = shape.roles("kv_group")
+    assert shape.unit_slice(v, 1, 2)[0] == slice(56, 64)
+    assert shape.tensor_group(gate_up) == "component" and shape.parse(qkv).roles[1] == k

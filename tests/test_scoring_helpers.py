@@ -8,21 +8,35 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    Cohere2Config,
+    Cohere2ForCausalLM,
     CohereConfig,
     CohereForCausalLM,
     Gemma2Config,
     Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Glm4Config,
+    Glm4ForCausalLM,
+    GlmConfig,
+    GlmForCausalLM,
     GraniteConfig,
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Olmo3Config,
+    Olmo3ForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    SmolLM3Config,
+    SmolLM3ForCausalLM,
 )
 
 from mergekit_wp.components import Component, ModelShape
@@ -78,6 +92,51 @@ ARCHS = {
     ),
     # Parallel attention and MLP; per-head [H, head_dim] q/k LayerNorms (averaged, not owned).
     "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.5, "use_qk_norm": True}),
+    # Fused qkv_proj and gate_up_proj (pad ids inside the tiny vocabulary).
+    "phi3": (Phi3Config, Phi3ForCausalLM, {"pad_token_id": 0}),
+    # Fused gate_up_proj, q/k/v biases, partial rotary; GLM-4 adds two post-norms.
+    "glm4": (Glm4Config, Glm4ForCausalLM, {"head_dim": 8, "pad_token_id": 0, "eos_token_id": 1}),
+    "glm": (GlmConfig, GlmForCausalLM, {"head_dim": 8, "pad_token_id": 0, "eos_token_id": 1}),
+    # q_norm over all heads [H*hd], k_norm over all KV heads; OLMo 3 with sliding layers.
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, {"pad_token_id": 0}),
+    "olmo3": (
+        Olmo3Config,
+        Olmo3ForCausalLM,
+        {
+            "pad_token_id": 0,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    ),
+    "cohere2": (
+        Cohere2Config,
+        Cohere2ForCausalLM,
+        {
+            "logit_scale": 0.5,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+    ),
+    # Layer 1 without rotary embeddings (NoPE).
+    "smollm3": (
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
+        {"no_rope_layers": [1, 0, 1], "pad_token_id": 0},
+    ),
+    # Llama 3.x: llama3 rope scaling, its original context shorter than the test's positions.
+    "llama3": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 4,
+            }
+        },
+    ),
 }
 PAIRED_ROWS = [
     ("Write a note about the river.", "no_comma", "punctuation:no_comma", "Do not use any commas."),

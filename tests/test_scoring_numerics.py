@@ -11,6 +11,7 @@ from mergekit_wp.scoring.exact import batch_scores, exact_scores
 from mergekit_wp.scoring.forward import TokenBatch
 from mergekit_wp.scoring.patching import ablate, restore, set_effect
 from mergekit_wp.scoring.utility import AnchorUtility, KLUtility, batch_context
+from tests.conftest import central_differences
 from tests.test_scoring_helpers import model_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,33 +58,12 @@ def _naive_wp(base, sft, batch, utility, unit, stop, weights) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_wp_attr_matches_central_differences(arch):
     base, sft = model_pair(arch)
-    shape = ModelShape.from_config(base.config)
     batch, utility = _batch(), _anchor(layer=1)
     _, _, weights = batch_context(base, sft, batch, utility, 1e-6)
     parts = gradient_pass(base, sft, batch, utility, weights)["wp_attr"]
     attr = {"head": parts["q"] + parts["o"], "neuron": parts["gate"] + parts["up"] + parts["down"]}
-    base_p, sft_p = dict(base.named_parameters()), dict(sft.named_parameters())
-    eps = 1e-3
     for unit in ("head", "neuron"):
-        fd = torch.zeros_like(attr[unit])
-        for layer in range(shape.num_hidden_layers):
-            for index in range(shape.unit_count(unit)):
-                slices = [
-                    (n, s)
-                    for n, s in shape.slices(Component(unit, layer, index)).items()
-                    if n in base_p
-                ]
-                saved = [base_p[n][s].clone() for n, s in slices]
-                values = []
-                for sign in (1, -1):
-                    with torch.no_grad():
-                        for (n, s), old in zip(slices, saved):
-                            base_p[n][s] = old + sign * eps * (sft_p[n][s] - old)
-                    values.append(utility(base, batch).double())
-                with torch.no_grad():
-                    for (n, s), old in zip(slices, saved):
-                        base_p[n][s] = old
-                fd[layer, index] = ((values[0] - values[1]) / (2 * eps)) @ weights
+        fd = central_differences(base, sft, batch, utility, weights, unit, eps=1e-3)
         scale = attr[unit].abs().max()
         assert scale > 0
         assert (attr[unit] - fd).abs().max() <= 1e-3 * scale, unit

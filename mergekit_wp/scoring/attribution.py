@@ -53,8 +53,9 @@ def _slots(model: nn.Module, shape: ModelShape, stop: int) -> list[_Slot]:
 
 def unit_sums(values: torch.Tensor, role: TensorRole, shape: ModelShape) -> torch.Tensor:
     """Sum a tensor of a role's shape over each unit's slice: `[units]`, accumulated in the
-    compute dtype (fp32 for bf16 / fp16 values)."""
+    compute dtype (fp32 for bf16 / fp16 values). Of a fused tensor, only the role's block."""
     dtype = compute_dtype(values)
+    values = values[shape.role_block(role, values.ndim)]
     if values.ndim == 2:
         values = values.sum(dim=1 - role.axis, dtype=dtype)
     return values.reshape(shape.unit_count(role.unit), -1).sum(-1, dtype=dtype)
@@ -115,37 +116,42 @@ def gradient_pass(
     deltas = {} if deltas is None else deltas
     parts = empty_parts(shape)
 
-    def consume(slot: _Slot) -> Callable[[torch.Tensor], None]:
+    def consume(name: str) -> Callable[[torch.Tensor], None]:
         # Each gradient is folded into its unit sums as backward produces it and then dropped,
-        # so the gradients of the whole model never coexist (a model's worth of memory).
+        # so the gradients of the whole model never coexist (a model's worth of memory). A
+        # fused tensor (Phi-3's gate_up_proj) feeds one part per role.
         def hook(param: torch.Tensor) -> None:
             grad, param.grad = param.grad, None
-            if slot.name not in deltas:
-                deltas[slot.name] = task_delta(param, sft_params[slot.name])
-            delta = deltas[slot.name]
-            sums = unit_sums(delta * grad, slot.role, shape)  # products in the weights' dtype
-            parts[slot.role.part][slot.layer] += sums.double().cpu()
+            if name not in deltas:
+                deltas[name] = task_delta(param, sft_params[name])
+            product = deltas[name] * grad  # in the weights' dtype
+            for slot in by_name[name]:
+                sums = unit_sums(product, slot.role, shape)
+                parts[slot.role.part][slot.layer] += sums.double().cpu()
 
         return hook
 
+    by_name: dict[str, list[_Slot]] = {}
+    for slot in slots:
+        by_name.setdefault(slot.name, []).append(slot)
     handles = []
     try:
-        for slot in slots:
-            params[slot.name].requires_grad_(True)
-            handles.append(params[slot.name].register_post_accumulate_grad_hook(consume(slot)))
+        for name in by_name:
+            params[name].requires_grad_(True)
+            handles.append(params[name].register_post_accumulate_grad_hook(consume(name)))
         with torch.enable_grad(), recording_site_inputs(base, stop, acts, grad=ap_attr):
             values = utility(base, batch)
             f_base = values.detach().double().cpu()
             weights = weights(f_base) if callable(weights) else weights.double().cpu()
             loss = (values.double() * weights.to(values.device)).sum()
             act_keys = sorted(acts) if ap_attr else []
-            loss.backward(inputs=[params[s.name] for s in slots] + [acts[k] for k in act_keys])
+            loss.backward(inputs=[params[n] for n in by_name] + [acts[k] for k in act_keys])
     finally:
         for handle in handles:
             handle.remove()
-        for slot in slots:
-            params[slot.name].requires_grad_(False)
-            params[slot.name].grad = None
+        for name in by_name:
+            params[name].requires_grad_(False)
+            params[name].grad = None
     out: dict[str, dict[str, torch.Tensor]] = {"utility": {"f_base": f_base, "weights": weights}}
     if wp_attr:
         out["wp_attr"] = parts

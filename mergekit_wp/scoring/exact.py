@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mergekit_wp.components import ModelShape, Unit
+from mergekit_wp.components import Component, ModelShape, Unit
 from mergekit_wp.scoring.forward import (
     TokenBatch,
     Trace,
@@ -131,15 +131,23 @@ def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: Laye
 
     The read-side rows of every unit are independent, so one run of the site module with all
     of `sft`'s read-side rows gives every unit's patched input to the write-side projection.
+    Where a norm spans the units (`TensorRole.spans_units`, OLMo 2's q_norm) they are not:
+    see `_unit_by_unit_setter`.
     """
     shape = model_shape(base)
+    if any(role.spans_units for role in shape.roles(unit)):
+        return _unit_by_unit_setter(base, sft, layer, unit, run)
     module = _site_module(base, shape, layer, unit)
     prefix = shape.site_path(layer, unit)
-    sft_params = dict(sft.named_parameters())
-    overrides = {}
+    base_params, sft_params = dict(base.named_parameters()), dict(sft.named_parameters())
+    overrides: dict[str, torch.Tensor] = {}
     for name, role in shape.unit_tensors(layer, unit):
         if not role.writes_residual and name in sft_params:
-            overrides[name[len(prefix) + 1 :]] = sft_params[name].to(run.mlp_in.device)
+            # The unit's block only: a fused tensor's other blocks (Phi-3's k, v) stay the base's.
+            key = name[len(prefix) + 1 :]
+            tensor = overrides.setdefault(key, base_params[name].detach().clone())
+            block = shape.role_block(role, tensor.ndim)
+            tensor[block] = sft_params[name][block].to(tensor.device)
     part = shape.writer(unit).part
     patched_in: dict[str, torch.Tensor] = {}
     write = module.get_submodule(shape.writer(unit).module)
@@ -166,6 +174,43 @@ def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: Laye
     return setter
 
 
+def _unit_by_unit_setter(
+    base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: LayerRun
+) -> Setter:
+    """Weight Patching one unit per run of the site module, with only that unit's slices from
+    `sft`: its change to the site output is taken whole, since through a norm over all units
+    (OLMo 2's q_norm `[H*hd]`) its q rows move every head's normalised query."""
+    shape = model_shape(base)
+    module = _site_module(base, shape, layer, unit)
+    prefix = shape.site_path(layer, unit)
+    base_params, sft_params = dict(base.named_parameters()), dict(sft.named_parameters())
+    changed = _changed_units(base, sft, shape, layer, unit)
+    site_out = hidden_of(run.attn_out) if unit == "head" else run.mlp_out
+
+    def patched(index: int) -> torch.Tensor:
+        overrides: dict[str, torch.Tensor] = {}
+        for name, where in shape.slices(Component(unit, layer, index)).items():
+            if name in base_params:
+                tensor = overrides.setdefault(
+                    name[len(prefix) + 1 :], base_params[name].detach().clone()
+                )
+                tensor[where] = sft_params[name][where].to(tensor.device)
+        with torch.no_grad():
+            if unit == "head":
+                out = functional_call(module, overrides, run.attn_args, run.attn_kwargs)
+            else:
+                out = functional_call(module, overrides, (run.mlp_in,))
+        return hidden_of(out) - site_out
+
+    def setter(units: Sequence[int]) -> torch.Tensor:
+        # Unchanged slices patch nothing: zero, not a rerun's rounding residue.
+        return torch.stack(
+            [patched(u) if changed[u] else torch.zeros_like(site_out) for u in units]
+        )
+
+    return setter
+
+
 def _changed_units(
     base: nn.Module, sft: nn.Module, shape: ModelShape, layer: int, unit: Unit
 ) -> torch.Tensor:
@@ -176,6 +221,7 @@ def _changed_units(
         if name not in base_params:
             continue
         diff = base_params[name].detach() != sft_params[name].detach().to(base_params[name].device)
+        diff = diff[shape.role_block(role, diff.ndim)]
         if diff.ndim == 2:
             diff = diff.any(dim=1 - role.axis)
         changed |= diff.reshape(shape.unit_count(unit), -1).any(-1).cpu()

@@ -52,7 +52,8 @@ def patched(target: nn.Module, source: nn.Module, components: Iterable[Component
 
 
 def patched_tensors(target: nn.Module, source: nn.Module, groups: Iterable[TensorGroupName]):
-    """While active, every `target` tensor of `groups` (`ModelShape.tensor_group`) is `source`'s.
+    """While active, every `target` tensor of `groups` (`ModelShape.tensor_group`) is `source`'s;
+    of a fused tensor, the blocks of those groups (`ModelShape.tensor_blocks`).
 
     Where a vocabulary differs (an added pad token), only the token rows both models have are
     copied.
@@ -61,11 +62,12 @@ def patched_tensors(target: nn.Module, source: nn.Module, groups: Iterable[Tenso
     sizes = {name: p.shape for name, p in source.named_parameters()}
     slices = []
     for name, tensor in target.named_parameters():
-        group = shape.tensor_group(name)
-        if group in groups:
-            per_token = group in ("embedding", "unembedding")
-            rows = min(tensor.shape[0], sizes.get(name, tensor.shape)[0]) if per_token else None
-            slices.append((name, (slice(0, rows),)))
+        for group, block in shape.tensor_blocks(name, tensor.ndim):
+            if group in ("embedding", "unembedding"):
+                rows = min(tensor.shape[0], sizes.get(name, tensor.shape)[0])
+                block = (slice(0, rows),)
+            if group in groups:
+                slices.append((name, block))
     return _patched_slices(target, source, slices)
 
 
