@@ -123,7 +123,8 @@ def test_batched_exact_wp_equals_naive_patching(arch):
 @pytest.mark.parametrize("arch", list(FAMILIES))
 def test_exact_ap_equals_hooked_activation_patching(arch):
     # The writers (o_proj, down_proj) are never fused: AP reads their inputs in every family.
-    # The anchor utility (the KL one answers for the sft from its cache, unhooked).
+    # The anchor utility: the naive AP hooks a forward of the sft, which the KL utility skips
+    # (it answers for the sft from its cache).
     base, sft = model_pair(arch)
     batch, utility = _batch(), _anchor(layer=2)
     _, _, weights = batch_context(base, sft, batch, utility, 1e-6)
