@@ -207,8 +207,14 @@ def unit_weights(
     shape: ModelShape, role: TensorRole, layer: int, maps: Sequence[ScoreMap]
 ) -> torch.Tensor:
     """α `[K, units]` of one layer for the units that `role` splits a tensor into."""
-    if role.unit == "neuron":
-        return fusion_weights(torch.stack([m.neurons[layer] for m in maps]).double())
+    if role.unit in ("neuron", "expert"):
+        alpha = fusion_weights(torch.stack([m.neurons[layer] for m in maps]).double())
+        if role.unit == "neuron":
+            return alpha
+        # An expert's gate (its router row, the shared expert's sigmoid gate) serves all of the
+        # expert's neurons: it gets their mean α, as a K/V head gets its query heads'.
+        experts = range(shape.unit_count("expert"))
+        return torch.stack([alpha[:, shape.neurons_of_expert(e)].mean(dim=1) for e in experts], 1)
     alpha = fusion_weights(torch.stack([m.heads[layer] for m in maps]).double())
     if role.unit == "head":
         return alpha
@@ -225,21 +231,21 @@ def tensor_coefficients(
     k, ndim = len(maps), len(size)
     if info is None or info.role is None:  # embeddings, norms, lm_head, shared biases
         return torch.full((k,) + (1,) * ndim, 1.0 / k, dtype=torch.float64)
-    # One block per role, in order (a fused tensor such as Phi-3's qkv_proj has several).
-    per_index = torch.cat(
-        [shape.unit_weights_for(r, unit_weights(shape, r, info.layer, maps)) for r in info.roles],
-        dim=1,
-    )
-    axis = info.role.axis if ndim > 1 else 0
-    if per_index.shape[1] != size[axis]:
-        implied = " + ".join(f"{r.unit} x {shape.unit_width(r.unit)}" for r in info.roles)
-        raise ValueError(
-            f"wp: {name} has {size[axis]} entries along axis {axis}, but the base config "
-            f"implies {per_index.shape[1]} ({implied})"
-        )
-    view = [k] + [1] * ndim
-    view[1 + axis] = -1
-    return per_index.reshape(view)
+    # One block per role (a fused tensor such as Phi-3's qkv_proj or gate_up_proj has several);
+    # each role's coefficients sit on its own entries, zero elsewhere.
+    out = torch.zeros((k,) + (1,) * ndim, dtype=torch.float64)
+    for role in info.roles:
+        axes = shape.unit_axes(role, ndim)
+        want = [shape.num_experts, shape.axis_length(role)][-len(axes) :]
+        if [size[a] for a in axes] != want:
+            implied = " + ".join(f"{r.unit} x {shape.role_width(r)}" for r in info.roles)
+            raise ValueError(
+                f"wp: {name} has {[size[a] for a in axes]} entries along axes {list(axes)}, but "
+                f"the base config implies {want} ({implied})"
+            )
+        alpha = unit_weights(shape, role, info.layer, maps)[:, shape.unit_range(role)]
+        out = out + shape.spread(role, alpha, size)
+    return out
 
 
 def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:

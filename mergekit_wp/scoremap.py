@@ -1,8 +1,15 @@
-"""Score map format, version 1: per-component scores of one expert, as safetensors.
+"""Score map format, versions 1 and 2: per-component scores of one expert, as safetensors.
 
 Keys are `components.score_key`: the Llama-style module path of layer l's heads or neurons, plus
 `.q`, `.gate`, ... for optional parts; header metadata says what made the map. In memory the
 layers are stacked: `[layers, units]`.
+
+Version 2 adds the expert axis of a mixture of experts: a layer's routed experts' neurons are
+one tensor `model.layers.{l}.mlp.experts.neurons` `[experts, expert neurons]`, a shared
+expert's (Qwen2-MoE) `model.layers.{l}.mlp.shared_expert.neurons`; metadata adds `num_experts`
+and `expert_intermediate_size`. In memory they stay one neuron axis (`components`: experts' in
+order, then the shared expert's). A map without experts is written as version 1, byte for byte
+as before; both versions are read.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -23,7 +31,8 @@ from mergekit_wp.components import HEAD_PARTS, NEURON_PARTS, ModelShape, part_ki
 from mergekit_wp.io import atomic_file
 
 FORMAT = "mergekit-wp/score-map"
-VERSION = "1"
+VERSION = "1"  # a dense model's map
+EXPERTS_VERSION = "2"  # a map with the expert axis
 METHODS = ("wp", "wp_attr", "ap", "ap_attr", "link", "random", "drift")
 UTILITIES = ("anchor", "kl", "projection", "none")
 _SHAPE_KEYS = (
@@ -32,6 +41,7 @@ _SHAPE_KEYS = (
     "num_key_value_heads",
     "intermediate_size",
 )
+_EXPERT_KEYS = ("num_experts", "expert_intermediate_size")  # version 2 only
 
 
 class ScoreMapError(ValueError):
@@ -51,6 +61,8 @@ class ScoreMap:
     num_key_value_heads: int
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # "q","o","gate","up","down"
     details: dict[str, Any] = field(default_factory=dict)
+    num_experts: int = 0  # routed experts per layer: neurons are theirs first (0: dense)
+    expert_intermediate_size: int = 0
 
     @property
     def num_hidden_layers(self) -> int:
@@ -65,13 +77,22 @@ class ScoreMap:
         return self.neurons.shape[1]
 
     @classmethod
-    def zeros(cls, shape: ModelShape, **info: Any) -> ScoreMap:
+    def of(cls, shape: ModelShape, heads: torch.Tensor, neurons: torch.Tensor, **info: Any):
+        """A map of a model of `shape`: its KV heads and experts recorded with the scores."""
         return cls(
-            heads=torch.zeros(shape.num_hidden_layers, shape.num_attention_heads),
-            neurons=torch.zeros(shape.num_hidden_layers, shape.intermediate_size),
+            heads=heads,
+            neurons=neurons,
             num_key_value_heads=shape.num_key_value_heads,
+            num_experts=shape.num_experts,
+            expert_intermediate_size=shape.expert_intermediate_size,
             **info,
         )
+
+    @classmethod
+    def zeros(cls, shape: ModelShape, **info: Any) -> ScoreMap:
+        layers = shape.num_hidden_layers
+        heads, neurons = shape.num_attention_heads, shape.intermediate_size
+        return cls.of(shape, torch.zeros(layers, heads), torch.zeros(layers, neurons), **info)
 
     @classmethod
     def from_parts(cls, shape: ModelShape, parts: dict[str, torch.Tensor], **info: Any) -> ScoreMap:
@@ -81,26 +102,51 @@ class ScoreMap:
         The sums are taken in the parts' dtype (fp64 accumulators) before the map's fp32.
         """
         heads, neurons = unit_scores(parts)
-        return cls(
-            heads=heads.float(),
-            neurons=neurons.float(),
-            num_key_value_heads=shape.num_key_value_heads,
-            parts={p: v.float() for p, v in parts.items()},
-            **info,
-        )
+        parts = {p: v.float() for p, v in parts.items()}
+        return cls.of(shape, heads.float(), neurons.float(), parts=parts, **info)
+
+    @property
+    def version(self) -> str:
+        """The file format version that holds this map: 2 only where it has experts."""
+        return EXPERTS_VERSION if self.num_experts else VERSION
 
     def shape_metadata(self) -> dict[str, int]:
-        return {k: int(getattr(self, k)) for k in _SHAPE_KEYS}
+        keys = _SHAPE_KEYS + (_EXPERT_KEYS if self.num_experts else ())
+        return {k: int(getattr(self, k)) for k in keys}
 
     def check_shape(self, shape: ModelShape, source: str = "score map") -> None:
         """Raise ScoreMapError unless this map was made for a model of `shape`."""
-        for key in _SHAPE_KEYS:
+        for key in _SHAPE_KEYS + _EXPERT_KEYS:
             have, want = getattr(self, key), getattr(shape, key)
             if have != want:
                 raise ScoreMapError(
                     f"{source}: made for a model with {key}={have}, but the model has "
                     f"{key}={want}; score the expert against this model family again"
                 )
+
+
+NeuronBlock = tuple[Callable[[int], str], slice, tuple[int, ...]]
+
+
+def neuron_blocks(num_experts: int, expert_size: int, neurons: int) -> list[NeuronBlock]:
+    """(key of layer l, slice of a layer's neuron axis, stored shape) of each neuron tensor of a
+    layer: one for a dense MLP (v1); routed experts `[E, I]`, then a shared expert's (v2)."""
+    if not num_experts:
+        return [(neuron_key, slice(0, neurons), (neurons,))]
+    routed = num_experts * expert_size
+    blocks: list[NeuronBlock] = [
+        ("model.layers.{}.mlp.experts.neurons".format, slice(0, routed), (num_experts, expert_size))
+    ]
+    if neurons > routed:
+        shared = "model.layers.{}.mlp.shared_expert.neurons".format
+        blocks.append((shared, slice(routed, neurons), (neurons - routed,)))
+    return blocks
+
+
+def _blocks(scores: ScoreMap) -> list[NeuronBlock]:
+    return neuron_blocks(
+        scores.num_experts, scores.expert_intermediate_size, scores.intermediate_size
+    )
 
 
 def unit_scores(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,24 +166,38 @@ def neuron_key(layer: int) -> str:
     return score_key("neuron", layer)
 
 
-def _part_key(part: str, layer: int) -> str:
-    return score_key(part_kind(part), layer, part)
+def _part_key(part: str, layer: int, key_of: Callable[[int], str] | None = None) -> str:
+    """Key of a part: `<heads key>.q`, `<neurons key>.gate` (a v2 neuron block's: `key_of`)."""
+    return f"{key_of(layer)}.{part}" if key_of else score_key(part_kind(part), layer, part)
+
+
+def _map_tensors(scores: ScoreMap) -> dict[str, torch.Tensor]:
+    """Every stored tensor of a map, by key, in the order they are written."""
+    tensors: dict[str, torch.Tensor] = {}
+    blocks = _blocks(scores)
+    for layer in range(scores.num_hidden_layers):
+        tensors[head_key(layer)] = scores.heads[layer]
+        for key_of, span, shape in blocks:
+            tensors[key_of(layer)] = scores.neurons[layer, span].reshape(shape)
+        for part, values in scores.parts.items():
+            if part in HEAD_PARTS:
+                tensors[_part_key(part, layer)] = values[layer]
+                continue
+            for key_of, span, shape in blocks:
+                tensors[_part_key(part, layer, key_of)] = values[layer, span].reshape(shape)
+    return tensors
 
 
 def write_score_map(path: str | os.PathLike, scores: ScoreMap) -> Path:
     """Validate and write atomically: a temp file in the same folder, then rename."""
     path = Path(path)
     _validate_tensors(str(path), scores)
-    tensors: dict[str, torch.Tensor] = {}
-    for layer in range(scores.num_hidden_layers):
-        tensors[head_key(layer)] = scores.heads[layer]
-        tensors[neuron_key(layer)] = scores.neurons[layer]
-        for part, values in scores.parts.items():
-            tensors[_part_key(part, layer)] = values[layer]
-    tensors = {k: v.detach().to(torch.float32).contiguous().cpu() for k, v in tensors.items()}
+    tensors = {
+        k: v.detach().to(torch.float32).contiguous().cpu() for k, v in _map_tensors(scores).items()
+    }
     metadata = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": scores.version,
         "method": scores.method,
         "utility": scores.utility,
         "base_model": scores.base_model,
@@ -179,13 +239,14 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
                 f"score map {source}: metadata format is {meta.get('format')!r}, "
                 f"expected {FORMAT!r}"
             )
-        if meta.get("version") != VERSION:
+        version = meta.get("version")
+        if version not in (VERSION, EXPERTS_VERSION):
             raise ScoreMapError(
-                f"score map {source}: version {meta.get('version')!r} is not supported "
-                f"(this mergekit-wp reads version {VERSION})"
+                f"score map {source}: version {version!r} is not supported "
+                f"(this mergekit-wp reads versions {VERSION} and {EXPERTS_VERSION})"
             )
-        dims = {}
-        for key in _SHAPE_KEYS:
+        dims = {k: 0 for k in _EXPERT_KEYS}
+        for key in _SHAPE_KEYS + (_EXPERT_KEYS if version == EXPERTS_VERSION else ()):
             try:
                 dims[key] = int(meta[key])
             except (KeyError, ValueError):
@@ -199,29 +260,56 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
                 f"score map {source}: metadata num_hidden_layers must be at least 1"
             )
 
-        def load(key: str, length: int) -> torch.Tensor:
+        def load(key: str, shape: tuple[int, ...]) -> torch.Tensor:
             if key not in keys:
                 raise ScoreMapError(
-                    f"score map {source}: missing tensor {key!r} (expected [{length}])"
+                    f"score map {source}: missing tensor {key!r} (expected {list(shape)})"
                 )
             value = f.get_tensor(key)
-            if tuple(value.shape) != (length,):
+            if tuple(value.shape) != shape:
                 raise ScoreMapError(
                     f"score map {source}: tensor {key!r} has shape {list(value.shape)}, "
-                    f"expected [{length}]"
+                    f"expected {list(shape)}"
                 )
-            return value.to(torch.float32)
+            return value.to(torch.float32).reshape(-1)
 
         heads_n, neurons_n = dims["num_attention_heads"], dims["intermediate_size"]
-        heads = torch.stack([load(head_key(layer), heads_n) for layer in range(layers)])
-        neurons = torch.stack([load(neuron_key(layer), neurons_n) for layer in range(layers)])
+        blocks = neuron_blocks(dims["num_experts"], dims["expert_intermediate_size"], neurons_n)
+        if blocks[-1][1].stop != neurons_n:
+            raise ScoreMapError(
+                f"score map {source}: metadata num_experts x expert_intermediate_size exceeds "
+                f"intermediate_size={neurons_n}"
+            )
+
+        def load_neurons(part: str | None) -> torch.Tensor:
+            """`[L, N]` from each layer's neuron tensors (v2: experts', then the shared's)."""
+            per_layer = (
+                [load(_part_key(part, l, k) if part else k(l), shape) for k, _, shape in blocks]
+                for l in range(layers)
+            )
+            return torch.stack([torch.cat(tensors) for tensors in per_layer])
+
+        heads = torch.stack([load(head_key(layer), (heads_n,)) for layer in range(layers)])
+        neurons = load_neurons(None)
         parts = {}
-        for part in HEAD_PARTS + NEURON_PARTS:
+        for part in HEAD_PARTS:
             if _part_key(part, 0) in keys:
-                n = heads_n if part in HEAD_PARTS else neurons_n
-                parts[part] = torch.stack([load(_part_key(part, l), n) for l in range(layers)])
-        known = {head_key(l) for l in range(layers)} | {neuron_key(l) for l in range(layers)}
-        known |= {_part_key(p, l) for p in parts for l in range(layers)}
+                parts[part] = torch.stack(
+                    [load(_part_key(part, l), (heads_n,)) for l in range(layers)]
+                )
+        for part in NEURON_PARTS:
+            if _part_key(part, 0, blocks[0][0]) in keys:
+                parts[part] = load_neurons(part)
+        known = {head_key(l) for l in range(layers)}
+        known |= {k(l) for k, _, _ in blocks for l in range(layers)}
+        known |= {_part_key(p, l) for p in parts if p in HEAD_PARTS for l in range(layers)}
+        known |= {
+            _part_key(p, l, k)
+            for p in parts
+            if p in NEURON_PARTS
+            for k, _, _ in blocks
+            for l in range(layers)
+        }
         extra = sorted(keys - known)
         if extra:
             raise ScoreMapError(
@@ -241,6 +329,8 @@ def read_score_map(path: str | os.PathLike, shape: ModelShape | None = None) -> 
         num_key_value_heads=dims["num_key_value_heads"],
         parts=parts,
         details=details,
+        num_experts=dims["num_experts"],
+        expert_intermediate_size=dims["expert_intermediate_size"],
     )
     _validate_tensors(source, scores)
     if shape is not None:
@@ -274,15 +364,35 @@ def _validate_tensors(source: str, scores: ScoreMap) -> None:
                 f"score map {source}: part {part!r} has shape {list(values.shape)}, "
                 f"expected {list(want)}"
             )
-    named = [("heads", scores.heads, head_key), ("neurons", scores.neurons, neuron_key)]
-    for part, values in scores.parts.items():
-        named.append((f"part {part}", values, lambda layer, p=part: _part_key(p, layer)))
-    for name, values, key_of in named:
+    if scores.num_experts * scores.expert_intermediate_size > scores.intermediate_size:
+        raise ScoreMapError(
+            f"score map {source}: {scores.num_experts} experts x "
+            f"{scores.expert_intermediate_size} neurons exceed the {scores.intermediate_size} "
+            "neurons per layer"
+        )
+    named: list[tuple[str, torch.Tensor, str | None]] = [
+        ("heads", scores.heads, None),
+        ("neurons", scores.neurons, None),
+    ]
+    named += [(f"part {part}", values, part) for part, values in scores.parts.items()]
+    for name, values, part in named:
         bad = ~torch.isfinite(values)
         if bad.any():
             layer, index = (int(i) for i in bad.nonzero()[0])
             raise ScoreMapError(
                 f"score map {source}: {name} has a non-finite value "
-                f"({values[layer, index].item()}) at {key_of(layer)}[{index}]; "
+                f"({values[layer, index].item()}) at {_where(scores, name, part, layer, index)}; "
                 "scores must be finite"
             )
+
+
+def _where(scores: ScoreMap, name: str, part: str | None, layer: int, index: int) -> str:
+    """Stored key and index of one score: `...self_attn.heads[3]`, `...experts.neurons[1, 4]`."""
+    if name == "heads" or part in HEAD_PARTS:
+        return f"{_part_key(part, layer) if part else head_key(layer)}[{index}]"
+    for key_of, span, shape in _blocks(scores):
+        if span.start <= index < span.stop:
+            at = divmod(index - span.start, shape[-1]) if len(shape) == 2 else (index - span.start,)
+            key = _part_key(part, layer, key_of) if part else key_of(layer)
+            return f"{key}[{', '.join(map(str, at))}]"
+    raise AssertionError("unreachable: neuron_blocks cover the neuron axis")

@@ -52,13 +52,10 @@ def _slots(model: nn.Module, shape: ModelShape, stop: int) -> list[_Slot]:
 
 
 def unit_sums(values: torch.Tensor, role: TensorRole, shape: ModelShape) -> torch.Tensor:
-    """Sum a tensor of a role's shape over each unit's slice: `[units]`, accumulated in the
-    compute dtype (fp32 for bf16 / fp16 values). Of a fused tensor, only the role's block."""
-    dtype = compute_dtype(values)
-    values = values[shape.role_block(role, values.ndim)]
-    if values.ndim == 2:
-        values = values.sum(dim=1 - role.axis, dtype=dtype)
-    return values.reshape(shape.unit_count(role.unit), -1).sum(-1, dtype=dtype)
+    """Sum a tensor of a role's shape over each of its units' slices: `[units of the role]`,
+    accumulated in the compute dtype (fp32 for bf16 / fp16 values). Of a fused tensor, only
+    the role's block."""
+    return shape.unit_sums(role, values, compute_dtype(values))
 
 
 def empty_parts(shape: ModelShape) -> dict[str, torch.Tensor]:
@@ -127,7 +124,9 @@ def gradient_pass(
             product = deltas[name] * grad  # in the weights' dtype
             for slot in by_name[name]:
                 sums = unit_sums(product, slot.role, shape)
-                parts[slot.role.part][slot.layer] += sums.double().cpu()
+                parts[slot.role.part][slot.layer, shape.unit_range(slot.role)] += (
+                    sums.double().cpu()
+                )
 
         return hook
 

@@ -342,11 +342,11 @@ def score_maps(
             shape, parts, method="wp_attr", details=dict(common), **about
         )
     if "ap_attr" in methods:
-        maps["ap_attr"] = ScoreMap(
-            heads=reduced("ap_attr.heads", heads_like).float(),
-            neurons=reduced("ap_attr.neurons", neurons_like).float(),
+        maps["ap_attr"] = ScoreMap.of(
+            shape,
+            reduced("ap_attr.heads", heads_like).float(),
+            reduced("ap_attr.neurons", neurons_like).float(),
             method="ap_attr",
-            num_key_value_heads=shape.num_key_value_heads,
             details=dict(common),
             **about,
         )
@@ -364,11 +364,11 @@ def score_maps(
             "heads_scored": sum(len(v) for v in plans.get("head", {}).values()),
             "neurons_scored": sum(len(v) for v in plans.get("neuron", {}).values()),
         }
-        maps[method] = ScoreMap(
-            heads=reduced(f"{method}.head", heads_like).float(),
-            neurons=reduced(f"{method}.neuron", neurons_like).float(),
+        maps[method] = ScoreMap.of(
+            shape,
+            reduced(f"{method}.head", heads_like).float(),
+            reduced(f"{method}.neuron", neurons_like).float(),
             method=method,
-            num_key_value_heads=shape.num_key_value_heads,
             details=common | counted,
             **about,
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -33,7 +34,9 @@ from mergekit_wp.scoring.forward import (
     site_inputs,
     substituted,
     trace,
+    writer_inputs,
 )
+from mergekit_wp.scoring.moe import write_matrix
 from mergekit_wp.scoring.utility import ReadoutUtility, batch_context, compute_dtype
 
 __all__ = [
@@ -59,7 +62,7 @@ class LayerRun:
     attn_kwargs: dict[str, Any]
     attn_out: Any  # the attention site's return value (tuple: output, weights)
     mlp_in: torch.Tensor
-    mlp_out: torch.Tensor
+    mlp_out: Any  # the MLP site's return value (GPT-OSS: output, router scores)
     write_in: dict[str, torch.Tensor]  # writer part -> its input: "o" [B,T,H*dh], "down" [B,T,I]
 
 
@@ -90,14 +93,12 @@ def run_layer(
         mlp.register_forward_hook(keep("mlp_out")),
     ]
     writers = [shape.writer(unit) for unit in ("head", "neuron")]
-    for role in writers:
-        hooks.append(
-            model.get_submodule(shape.module_path(layer, role)).register_forward_pre_hook(
-                keep(role.part)
-            )
-        )
     try:
-        decoder_layers(model, shape)[layer](hidden, **kwargs)
+        with ExitStack() as stack:
+            for site, role in zip((attn, mlp), writers):
+                record = partial(seen.__setitem__, role.part)
+                stack.enter_context(writer_inputs(site, shape, role.unit, record))
+            decoder_layers(model, shape)[layer](hidden, **kwargs)
     finally:
         for handle in hooks:
             handle.remove()
@@ -123,7 +124,7 @@ def _write(
 
 
 def _write_weight(model: nn.Module, shape: ModelShape, layer: int, unit: Unit) -> torch.Tensor:
-    return model.get_parameter(f"{shape.module_path(layer, shape.writer(unit))}.weight")
+    return write_matrix(_site_module(model, shape, layer, unit), shape, unit)
 
 
 def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: LayerRun) -> Setter:
@@ -150,16 +151,11 @@ def wp_setter(base: nn.Module, sft: nn.Module, layer: int, unit: Unit, run: Laye
             tensor[block] = sft_params[name][block].to(tensor.device)
     part = shape.writer(unit).part
     patched_in: dict[str, torch.Tensor] = {}
-    write = module.get_submodule(shape.writer(unit).module)
-    handle = write.register_forward_pre_hook(lambda m, args: patched_in.setdefault("x", args[0]))
-    try:
-        with torch.no_grad():
-            if unit == "head":
-                functional_call(module, overrides, run.attn_args, run.attn_kwargs)
-            else:
-                functional_call(module, overrides, (run.mlp_in,))
-    finally:
-        handle.remove()
+    with torch.no_grad(), writer_inputs(module, shape, unit, partial(patched_in.setdefault, "x")):
+        if unit == "head":
+            functional_call(module, overrides, run.attn_args, run.attn_kwargs)
+        else:
+            functional_call(module, overrides, (run.mlp_in,))
     old_w, new_w = _write_weight(base, shape, layer, unit), _write_weight(sft, shape, layer, unit)
     changed = _changed_units(base, sft, shape, layer, unit)
     width = shape.unit_width(unit)
@@ -185,7 +181,7 @@ def _unit_by_unit_setter(
     prefix = shape.site_path(layer, unit)
     base_params, sft_params = dict(base.named_parameters()), dict(sft.named_parameters())
     changed = _changed_units(base, sft, shape, layer, unit)
-    site_out = hidden_of(run.attn_out) if unit == "head" else run.mlp_out
+    site_out = hidden_of(run.attn_out if unit == "head" else run.mlp_out)
 
     def patched(index: int) -> torch.Tensor:
         overrides: dict[str, torch.Tensor] = {}
@@ -221,10 +217,7 @@ def _changed_units(
         if name not in base_params:
             continue
         diff = base_params[name].detach() != sft_params[name].detach().to(base_params[name].device)
-        diff = diff[shape.role_block(role, diff.ndim)]
-        if diff.ndim == 2:
-            diff = diff.any(dim=1 - role.axis)
-        changed |= diff.reshape(shape.unit_count(unit), -1).any(-1).cpu()
+        changed[shape.unit_range(role)] |= shape.unit_sums(role, diff.int()).cpu() > 0
     return changed
 
 
@@ -290,7 +283,7 @@ def _run_variants(
     stop: int,
 ) -> torch.Tensor:
     variants, size = delta.shape[0], len(batch)
-    site_out = hidden_of(run.attn_out) if unit == "head" else run.mlp_out
+    site_out = hidden_of(run.attn_out if unit == "head" else run.mlp_out)
     patched = (site_out.to(delta.dtype).unsqueeze(0) + delta).to(site_out.dtype).flatten(0, 1)
     kwargs = [
         repeat_batch(k, variants, size) if i >= layer else k
@@ -307,7 +300,8 @@ def _run_variants(
             repeated = hidden_of(run.attn_out).repeat(variants, 1, 1)
             attn = (repeated, *run.attn_out[1:]) if isinstance(run.attn_out, tuple) else repeated
             stack.enter_context(substituted(module, attn_name, _blank_weights(attn)))
-            stack.enter_context(substituted(module, mlp_name, patched))
+            mlp_out = (patched, *run.mlp_out[1:]) if isinstance(run.mlp_out, tuple) else patched
+            stack.enter_context(substituted(module, mlp_name, _blank_weights(mlp_out)))
         if utility.last_position_only:
             last = decoder_layers(base, shape)[stop]
             if not (layer == stop and unit == "neuron"):  # else the MLP is already substituted
@@ -318,7 +312,8 @@ def _run_variants(
 
 
 def _blank_weights(attn_out: Any) -> Any:
-    # Attention weights (if returned) have the base batch size; the layer discards them.
+    # Attention weights (GPT-OSS's MLP: router scores), if returned, have the base batch size;
+    # the layer discards them.
     if isinstance(attn_out, tuple):
         return (attn_out[0], *(None for _ in attn_out[1:]))
     return attn_out

@@ -9,14 +9,16 @@ family details (Gemma 2 post-norms, sliding-window masks, q biases) stay the mod
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from mergekit_wp.components import ModelShape
+from mergekit_wp.components import ModelShape, Unit
+from mergekit_wp.scoring.moe import decomposed
 
 
 @dataclass
@@ -220,10 +222,12 @@ class _LastPosition(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor) -> Any:
         out = torch.zeros_like(hidden)
-        out[:, -1:] = self.inner(hidden[:, -1:])
-        return out
+        last = self.inner(hidden[:, -1:])
+        out[:, -1:] = hidden_of(last)
+        # GPT-OSS's MLP returns its router scores too; the layer discards them.
+        return (out, *last[1:]) if isinstance(last, tuple) else out
 
 
 @contextmanager
@@ -254,6 +258,29 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 @contextmanager
+def writer_inputs(
+    site: nn.Module, shape: ModelShape, unit: Unit, record: Callable[[torch.Tensor], None]
+) -> Iterator[None]:
+    """While active, every forward of `site` (a layer's attention or MLP module) passes the
+    input of `unit`'s writer (`ModelShape.writer`) to `record`: per-head outputs `[B, T, H*hd]`
+    (o_proj) or neuron activations `[B, T, I]` (down_proj; a mixture of experts' MLP runs
+    decomposed for it, `scoring.moe`)."""
+    if unit == "neuron" and shape.num_experts:
+        with decomposed(site, shape, record):
+            yield
+        return
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        record(args[0])
+
+    handle = site.get_submodule(shape.writer(unit).module).register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def recording_site_inputs(
     model: nn.Module, stop: int, found: dict[tuple[int, str], torch.Tensor], grad: bool = False
 ) -> Iterator[None]:
@@ -265,26 +292,20 @@ def recording_site_inputs(
     grad so these inputs join the autograd graph even when no parameter does.
     """
     shape = model_shape(model)
-    handles = []
-    for layer in range(stop + 1):
-        for part in (shape.writer(unit).part for unit in ("head", "neuron")):
-            module = model.get_submodule(shape.module_path(layer, shape.role(part)))
-
-            def hook(mod: nn.Module, args: tuple, key: tuple[int, str] = (layer, part)) -> None:
-                found[key] = args[0]
-
-            handles.append(module.register_forward_pre_hook(hook))
-    if grad:
-        handles.append(
-            model.get_input_embeddings().register_forward_hook(
+    with ExitStack() as stack:
+        for layer in range(stop + 1):
+            for unit in ("head", "neuron"):
+                key = (layer, shape.writer(unit).part)
+                site = model.get_submodule(shape.site_path(layer, unit))
+                stack.enter_context(
+                    writer_inputs(site, shape, unit, partial(found.__setitem__, key))
+                )
+        if grad:
+            handle = model.get_input_embeddings().register_forward_hook(
                 lambda mod, args, out: out.detach().requires_grad_(True)
             )
-        )
-    try:
+            stack.callback(handle.remove)
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.no_grad()

@@ -28,15 +28,25 @@ class ScoreRun:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+def label(scores: ScoreMap, kind: str, layer: int, index: int) -> str:
+    """`H(l,h)`, `N(l,j)`; in a mixture of experts `N(l,e,j)`, a shared expert's `N(l,shared,j)`."""
+    if kind == "heads" or not scores.num_experts:
+        return str(Component(kind[:-1], layer, index))
+    expert, j = divmod(index, scores.expert_intermediate_size)
+    if expert >= scores.num_experts:
+        return f"N({layer},shared,{index - scores.num_experts * scores.expert_intermediate_size})"
+    return f"N({layer},{expert},{j})"
+
+
 def top_components(scores: ScoreMap, k: int) -> dict[str, list[dict[str, Any]]]:
-    """The k highest-scoring heads and neurons (by signed score), as `H(l,h)` / `N(l,j)`."""
+    """The k highest-scoring heads and neurons (by signed score), labelled as `label` does."""
     out = {}
     for kind, values in (("heads", scores.heads), ("neurons", scores.neurons)):
         flat = values.flatten()
         top = torch.topk(flat, min(k, flat.numel()))
         width = values.shape[1]
         out[kind] = [
-            {"component": str(Component(kind[:-1], i // width, i % width)), "score": float(v)}
+            {"component": label(scores, kind, i // width, i % width), "score": float(v)}
             for v, i in zip(top.values.tolist(), top.indices.tolist())
         ]
     return out
@@ -140,6 +150,8 @@ def stitch(upstream: ScoreMap, downstream: ScoreMap) -> ScoreMap:
             "upstream": upstream.details,
             "downstream": downstream.details,
         },
+        num_experts=upstream.num_experts,
+        expert_intermediate_size=upstream.expert_intermediate_size,
     )
 
 
@@ -221,6 +233,12 @@ def summary(scores: ScoreMap, k: int = 20) -> str:
             f"({scores.num_key_value_heads} KV), {scores.intermediate_size} neurons per layer"
         ),
     ]
+    if scores.num_experts:
+        shared = scores.intermediate_size - scores.num_experts * scores.expert_intermediate_size
+        lines.append(
+            f"experts: {scores.num_experts} x {scores.expert_intermediate_size} neurons"
+            + (f", then {shared} of the shared expert" if shared else "")
+        )
     if scores.parts:
         lines.append(f"parts: {', '.join(sorted(scores.parts))}")
     for key in ("examples", "kept_examples", "skipped_examples", "stop_layer"):
