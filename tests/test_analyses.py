@@ -237,6 +237,16 @@ def test_need_directions_of_all_heads_sum_to_the_attention_input_gradient(tmp_pa
     torch.testing.assert_close(sum(needs.values()), captured["x"].grad, rtol=1e-9, atol=1e-12)
 
 
+def test_a_layer_0_head_target_has_no_suppliers(study):
+    # It reads the embeddings alone, which no component writes: every link is zero (its need
+    # utility has no gradient at all, which once stopped the overlap analysis).
+    utility, batches = _anchor_inputs(study)
+    target, other = Component("head", 0, 1), Component("head", 1, 2)
+    links = link_strengths(study.base, study.instruct, batches, utility, [target, other])
+    assert links[target]["heads"].abs().sum() == 0 and links[target]["neurons"].abs().sum() == 0
+    assert links[other]["heads"][0].abs().sum() > 0
+
+
 def test_link_strength_matches_finite_differences_and_is_zero_without_delta(study):
     utility, batches = _anchor_inputs(study)
     target = Component("head", 1, 2)

@@ -21,6 +21,7 @@ from mergekit_wp.components import (
 from mergekit_wp.scoring.forward import logits_from_hidden
 from tests.test_components import ARCHS, config_of
 from tests.test_families import FAMILIES as TABLE_ONLY
+from tests.test_moe import ARCHITECTURES as MOE_ARCHITECTURES
 from tests.test_scoring_helpers import ARCHS as PAIRS
 from tests.test_scoring_helpers import arch_config
 
@@ -38,8 +39,9 @@ def test_every_shipped_table_is_a_family_with_its_architectures():
     folder = resources.files("mergekit_wp") / "_data" / "architectures"
     names = sorted(f.name for f in folder.iterdir() if f.name.endswith(".json"))
     assert names == [f"{family.name}.json" for family in FAMILIES]
-    # The families tested here and those tested as added tables (tests/test_families.py).
-    added = {PAIRS[arch][1].__name__ for arch in TABLE_ONLY}
+    # The families tested here, as added tables (tests/test_families.py) and as mixtures of
+    # experts (tests/test_moe.py).
+    added = {PAIRS[arch][1].__name__ for arch in TABLE_ONLY} | set(MOE_ARCHITECTURES.values())
     assert {a for family in FAMILIES for a in family.architectures} == set(ARCHS) | added
     assert family_of("Gemma2ForCausalLM").attn_implementation == "eager"
     assert family_of("LlamaForCausalLM").logits == ()

@@ -19,16 +19,17 @@ def parameter_drift(
     base: Mapping[str, torch.Tensor], sft: Mapping[str, torch.Tensor], shape: ModelShape
 ) -> dict[str, list[float]]:
     """`{part: [mean |θ_sft - θ_base| of that layer's weight, per layer]}` for the 7 projections."""
-    roles = {role.part: role for role in shape.roles()}
     out: dict[str, list[float]] = {}
     for part in ATTENTION + MLP:
+        role = shape.role(part)  # the projection, not a norm sharing the part (OLMo 2)
         values = []
         for layer in range(shape.num_hidden_layers):
-            name = f"{shape.module_path(layer, roles[part])}.weight"
+            name = f"{shape.module_path(layer, role)}.weight"
             if name not in base or name not in sft:
                 raise ValueError(f"parameter drift: tensor {name!r} missing from a model")
             delta = sft[name].detach().double() - base[name].detach().double()
-            values.append(float(delta.abs().mean()))
+            # A fused tensor (Phi-3's qkv_proj) holds several parts: take this part's block.
+            values.append(float(delta[shape.role_block(role, delta.ndim)].abs().mean()))
         out[part] = values
     return out
 

@@ -38,7 +38,8 @@ def read_roles(shape: ModelShape, target: Component) -> list[tuple[TensorRole, i
         return [
             (r, target.index if r.unit == "head" else group)
             for r in shape.roles()
-            if not r.writes_residual and r.unit in ("head", "kv_group")
+            # a norm spanning every head (OLMo 2's q_norm) is not a projection to hook
+            if not r.writes_residual and r.unit in ("head", "kv_group") and not r.spans_units
         ]
     return [(r, target.index) for r in shape.roles("neuron") if not r.writes_residual]
 
@@ -169,6 +170,8 @@ def link_strengths(
         _, _, weights = batch_context(base, sft, batch, anchor_utility, gap_floor)
         count += int((weights != 0).sum())
         for target in targets:
+            if target.kind == "head" and target.layer == 0:
+                continue  # it reads the embeddings alone: no component can supply it
             utility = NeedUtility(target, anchor_utility, base, targets)
             parts = gradient_pass(base, sft, batch, utility, weights)["wp_attr"]
             totals[target]["heads"] += parts["q"] + parts["o"]
