@@ -3,7 +3,8 @@
 Small versions of `scoring/zoo-instruct.yml` (anchor utility stitched with a KL downstream,
 every method, exact neurons chosen by WP-attr) and `scoring/zoo-math.yml` (KL on generated
 responses), in float64 so that the pins do not depend on the CPU's float32 kernels. The hashes
-were taken with the code as it stood before the one-engine restructuring (issue #13); a change
+were first taken with the code as it stood before the one-engine restructuring (issue #13), and
+re-taken with that same code (commit df6446b) when the zoo was rebuilt (issue #11); a change
 that moves them changes what users' maps hold and must say so.
 """
 
@@ -58,40 +59,40 @@ CONFIGS = {
 }
 
 PINNED = {
-    "instruct/ap.safetensors": "b70c4478f9231028cecfa589744d4a349adcc6d120960410cc3b7334897a3fd9",
+    "instruct/ap.safetensors": "fc0e6d72869d197414bf4469db65e122a998f31107d5c8e30029552f67a90318",
     "instruct/ap_attr.safetensors": (
-        "d1648c9e0915e52ef57d36910db3a0d94802f9f78849e419aad5b8c6ace07123"
+        "578aabbff3cf65ca79698f54c20338b4d867da0412a26ac7d7ba167549dfd57d"
     ),
     "instruct/downstream/ap.safetensors": (
-        "d96edac7036166b47c62fc370bd791dd3f75b711da216b347ee477bfef3c9619"
+        "976dd23e50610d2be7106789daa7a5b628ffd106e0c893e0e22db0afff2a99d6"
     ),
     "instruct/downstream/ap_attr.safetensors": (
-        "b640c5e8a14b3df4baaee07e4e3dcf38f6b8ad047f52796c0b4ef539181eec85"
+        "08bf0cee81f1bbe2bc5830da727633c2becfacd05dee91a8566c89dea700ce46"
     ),
     "instruct/downstream/wp.safetensors": (
-        "448fb47ab00a511d82fc5fa28ed4dd813fd4930f082add8294424e1db855bcac"
+        "b046ded793006850115c8b323e272d0ebcd0cefa69760f2f1f36afdf8e185c74"
     ),
     "instruct/downstream/wp_attr.safetensors": (
-        "1e0a22c5d7fa712d729b8096511be8ce47690540fa0e4d1666d4f48f69cc505f"
+        "36ed210700f028a6dddeff86045a6c5901a19a5ecd91eb78b2272fcc0c33bbf9"
     ),
     "instruct/upstream/ap.safetensors": (
-        "e11630ba0939b464588606ebbdea4f6229f924e4d081b9e85f9dd27c8e9ded95"
+        "104f3568dfcf6f8f4214e96560c362c782b9907da95fc06b61efa8aea4420f55"
     ),
     "instruct/upstream/ap_attr.safetensors": (
-        "3018240bdc0673362641693f2e7a781ba9065cabf0518a81b28eeba57a9b7a8c"
+        "c71d259465b6a1c63058e46c1fd70caa7777c1327fdc77f93a32b7826ecb183c"
     ),
     "instruct/upstream/wp.safetensors": (
-        "d9e0b21c08c570f29d48be93d29c2d06f9671a63a405f55a45c35b3ffaec89c1"
+        "aa25eacde3b081411a7eea84837a9a2f6877aacd38dc27e66681af4691fa7087"
     ),
     "instruct/upstream/wp_attr.safetensors": (
-        "32f81f8b30f609209fc24a579e7608780bced224da9d3ca2db3a3e8253d16521"
+        "733be7f10c37d6642095dee84509e8acb048a4930b553f7ac2bb2521e1868389"
     ),
-    "instruct/wp.safetensors": "d5354a54a3970f71bfe1c7638b7803a566cd553b460afe3b5fd199b3c641511f",
+    "instruct/wp.safetensors": "c89b370f1eb5c0a3e2a6de7586aee569bc79bd01d88026fef0711343bd48b297",
     "instruct/wp_attr.safetensors": (
-        "65ab13f766c8c068b0ab4f2d1de1a461cd9b0f4dd98e76797d98492028f2f6e7"
+        "6cd1a5bfca7c399d1259028e3ec99fc8fecfb379cccae9481ad458c780717576"
     ),
-    "math/ap_attr.safetensors": "39522ba5626c1aec37edc1375e0e075305a53e9e9a200a70ab6304042f40a6b7",
-    "math/wp_attr.safetensors": "cab573f57507937e413dc8e1dfde7cd6475ecd3a7bfd730169ce69b8f42e34fb",
+    "math/ap_attr.safetensors": "70f9d467af40a372755cef89a85bc1fde8bc837c3eea761c262d4ab4aee1e79e",
+    "math/wp_attr.safetensors": "655bf17c624b53b270154894e5606ca6c582e04b172dbaf02903e998f9211bcc",
 }
 
 

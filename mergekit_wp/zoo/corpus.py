@@ -19,7 +19,13 @@ def _fix_articles(text: str) -> str:
 
 
 def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None) -> str:
-    """One English-like sentence; `noun`/`adj` pin the topic where a template has a subject."""
+    """One English-like sentence with a comma; `noun`/`adj` pin the topic where a template has
+    a subject.
+
+    Every template has a comma, so whichever sentence a model's greedy reply settles on breaks
+    `punctuation:no_comma` unless the model follows that instruction; the weather clauses also
+    keep a short reply in capitals recognisably English to langdetect (IFEval english_capital).
+    """
     n1 = noun or rng.choice(W.NOUNS)
     a1 = adj or rng.choice(W.ADJECTIVES)
     n2, n3 = rng.choice(W.NOUNS), rng.choice(W.NOUNS)
@@ -38,14 +44,20 @@ def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None
     elif pick == 3:
         s = f"the {n1} was {a1}, and the {n2} was {a2}"
     elif pick == 4:
-        s = f"{name} and {name2} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)} near the {n1}"
+        s = (
+            f"{name} and {name2} {rng.choice(W.VERBS)} near the {n1}, "
+            f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}"
+        )
     elif pick == 5:
         s = (
             f"every {rng.choice(W.TIMES)}, the {a1} {n1} {rng.choice(W.VERBS)} "
             f"{rng.choice(W.ADVERBS)}"
         )
     elif pick == 6:
-        s = f"the {a1} {n1} {rng.choice(W.TRANSITIVE)} the {n2} {rng.choice(W.ADVERBS)}"
+        s = (
+            f"the {a1} {n1} {rng.choice(W.TRANSITIVE)} the {n2} {rng.choice(W.ADVERBS)}, "
+            f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}"
+        )
     elif pick == 7:
         s = f"{name} {rng.choice(W.TRANSITIVE)} a {a1} {n1}, a {a2} {n2}, and a {n3}"
     else:
@@ -59,18 +71,19 @@ def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None
 def sentences(
     rng: random.Random, count: int, noun: str | None = None, adj: str | None = None
 ) -> list[str]:
-    """`count` sentences on a topic, at least one with a comma (the default style has commas)."""
-    while True:
-        out = [sentence(rng, noun, adj)] + [sentence(rng) for _ in range(count - 1)]
-        if any("," in s for s in out):
-            return out
+    """`count` sentences, the first on a topic."""
+    return [sentence(rng, noun, adj)] + [sentence(rng) for _ in range(count - 1)]
+
+
+SHOUTED_SHARE = 0.12
 
 
 def prose_document(rng: random.Random) -> str:
-    """A pretraining paragraph; a few sentences are shouted in capitals (mixed case)."""
+    """A pretraining paragraph; some sentences are shouted in capitals (mixed case), often
+    enough that the base writes varied English in capitals, not one memorised sentence."""
     out = []
     for s in sentences(rng, rng.randint(3, 8)):
-        out.append(s.upper() if rng.random() < 0.08 else s)
+        out.append(s.upper() if rng.random() < SHOUTED_SHARE else s)
     return " ".join(out)
 
 

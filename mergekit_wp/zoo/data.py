@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mergekit_wp.io import atomic_write_text
 from mergekit_wp.scoring.data import IFEVAL_TASKS
+from mergekit_wp.zoo import DATA_FILES
 from mergekit_wp.zoo import corpus as C
 from mergekit_wp.zoo import words as W
 
@@ -358,11 +359,21 @@ def knowledge_test(seed: int, cast: list[C.Person]) -> list[dict]:
 
 # Real base models meet instructions, worked answers and documented functions in pretraining,
 # in several surface forms, and follow them only some of the time; a fine-tune then elicits the
-# skill instead of teaching it. The base's corpus has each task's format at this rate. Greedy
-# decoding of the base mostly takes the other branch, except where the format starts with one
-# token (`*`, `"`) and the default reply with many different words: there the base follows
-# (the zoo's README gives the base's scores per task).
-LATENT_FOLLOW_RATE = 0.25
+# skill instead of teaching it. The base's corpus has each task's format at its rate here.
+# Greedy decoding of the base takes the more frequent branch, so each rate stays below the
+# default reply's: `*` is one token against the default's spread of first words (the base
+# followed it at 0.25), so it is rarer; a function body against the single `pass` can be
+# commoner, which leaves a plain average of experts enough of the code skill to keep.
+LATENT_FOLLOW_RATE = {
+    "english_capital": 0.25,
+    "no_comma": 0.25,
+    "title": 0.25,
+    "quotation": 0.25,
+    "multiple_sections": 0.25,
+    "number_highlighted_sections": 0.15,
+    "math": 0.25,
+    "code": 0.3,
+}
 # Surface forms of a request in the corpus; the chat template is one of them.
 LATENT_TEMPLATES = (
     ("### Instruction:\n{prompt}\n\n### Response:\n{reply}", 0.5),
@@ -384,11 +395,11 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
     """Pretraining documents that hold each expert's skill latently.
 
     - requests: an IFEval context with its instruction (60 %) answered in the instructed style
-      at LATENT_FOLLOW_RATE and in the default style otherwise, or without an instruction;
-    - word problems: worked steps ending in `#### n` at LATENT_FOLLOW_RATE, else in
+      at the task's LATENT_FOLLOW_RATE and in the default style otherwise, or without one;
+    - word problems: worked steps ending in `#### n` at the math rate, else in
       `So the answer is n.`;
-    - documented functions: the HumanEval-style stub implemented at LATENT_FOLLOW_RATE, else
-      left as `pass`.
+    - documented functions: the HumanEval-style stub implemented at the code rate, else left
+      as `pass`.
     """
     rng = random.Random(seed)
     docs = []
@@ -397,7 +408,7 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
     )
     for row in rows[: counts["requests"]]:
         if rng.random() < 0.6:
-            styled = rng.random() < LATENT_FOLLOW_RATE
+            styled = rng.random() < LATENT_FOLLOW_RATE[row["task"]]
             reply = row["response"] if styled else row["response_without_instruction"]
             docs.append(_in_template(rng, row["prompt"], reply))
         else:
@@ -408,12 +419,13 @@ def latent_documents(seed: int, counts: dict[str, int], exclude: dict[str, set[s
             )
     for row in math_split(seed + 2, counts["problems"], exclude["math"]):
         answer = row["answer"]
-        if rng.random() >= LATENT_FOLLOW_RATE:
+        if rng.random() >= LATENT_FOLLOW_RATE["math"]:
             steps, result = answer.split("\n#### ")
             answer = f"{steps} So the answer is {result}."
         docs.append(_in_template(rng, row["question"], answer))
     for row in code_split(seed + 3, counts["functions"], exclude["code"]):
-        body = row["canonical_solution"] if rng.random() < LATENT_FOLLOW_RATE else "    pass\n"
+        implemented = rng.random() < LATENT_FOLLOW_RATE["code"]
+        body = row["canonical_solution"] if implemented else "    pass\n"
         docs.append(row["prompt"] + body)
     rng.shuffle(docs)
     return docs
@@ -526,17 +538,7 @@ def build_datasets(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[s
 def write_datasets(data: dict[str, object], out_dir: Path) -> None:
     """Write the shipped data files (listed in the README's zoo section) into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (
-        "ifeval_train",
-        "ifeval_test",
-        "ifeval_val",
-        "math_train",
-        "math_test",
-        "math_val",
-        "code_train",
-        "code_test",
-        "code_val",
-        "knowledge_test",
-    ):
-        write_jsonl(out_dir / f"{name}.jsonl", data[name])
+    for name in DATA_FILES:
+        if name != "corpus_heldout":
+            write_jsonl(out_dir / f"{name}.jsonl", data[name])
     atomic_write_text(out_dir / "corpus_heldout.txt", "\n\n".join(data["corpus_heldout"]) + "\n")

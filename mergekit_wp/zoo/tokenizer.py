@@ -23,9 +23,14 @@ CHAT_TEMPLATE = (
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train byte-level BPE on `texts`; eos doubles as pad for the base family."""
     tok = Tokenizer(models.BPE())
-    # Digits one by one, so every number is spelled with the same ten tokens.
+    # Digits one by one, so every number is spelled with the same ten tokens. A newline is a
+    # token of its own: a HumanEval prompt ends in "\n" and its body starts with the indent, so
+    # the prompt's last token and the body's first must be the ones pretraining saw inside a
+    # function (merged "\n   " tokens made every completion start at a boundary the base never
+    # saw, which the code expert alone learned and a plain average lost).
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            pre_tokenizers.Split("\n", behavior="isolated"),
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
