@@ -423,3 +423,13 @@ def test_equal_averages_tie_whatever_the_float_order():
     )
     assert sum(ours.scores.values()) / 4 != sum(avg.scores.values()) / 4  # float noise
     assert ours.average == avg.average
+
+
+def test_special_token_ids_beyond_the_merged_vocabulary_point_at_eos(tmp_path):
+    from mergekit_wp.evaluation.bench import fit_special_tokens
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"vocab_size": 2560, "pad_token_id": 2560, "eos_token_id": 1}))
+    assert fit_special_tokens(path) == ["pad_token_id"]
+    assert json.loads(path.read_text())["pad_token_id"] == 1
+    assert fit_special_tokens(path) == []  # a valid config is left alone

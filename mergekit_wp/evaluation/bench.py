@@ -496,7 +496,34 @@ def merge_one(config: dict[str, Any], out_dir: Path, seed: int, options: dict[st
         shutil.rmtree(tmp)
     merge_options = MergeOptions(**{"random_seed": seed, "quiet": True, **options})
     run_merge(MergeConfiguration.model_validate(config), str(tmp), merge_options)
+    fit_special_tokens(tmp / "config.json")
     publish_dir(tmp, out_dir)
+
+
+def fit_special_tokens(config_path: Path) -> list[str]:
+    """Point special-token ids beyond the merged vocabulary at eos; the keys changed.
+
+    Without a base model mergekit copies one expert's config, so a merge whose tokenizer comes
+    from the base can keep the instruct expert's `pad_token_id` of its added row (2560 in a
+    2560-row model), which transformers refuses to load.
+    """
+    config = json.loads(config_path.read_text())
+    vocab, eos = config.get("vocab_size"), config.get("eos_token_id")
+    if not isinstance(vocab, int):
+        return []
+    changed = [
+        key
+        for key in ("pad_token_id", "bos_token_id")
+        if isinstance(config.get(key), int) and config[key] >= vocab
+    ]
+    for key in changed:
+        config[key] = eos if isinstance(eos, int) and eos < vocab else None
+        tqdm.write(
+            f"[bench] {config_path}: {key} {config[key]} (was beyond the {vocab}-token vocabulary)"
+        )
+    if changed:
+        atomic_write_text(config_path, json.dumps(config, indent=2) + "\n")
+    return changed
 
 
 def _cached(folder: Path, key: str, marker: str) -> bool:
