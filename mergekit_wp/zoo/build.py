@@ -347,6 +347,7 @@ def write_record(out_dir: Path, record: dict) -> None:
 def model_card(record: dict) -> str:
     """A markdown card: what the zoo is, how each task is prompted, and the measured gates."""
     plan = record["plan"]
+    rates = [round(100 * r) for r in D.LATENT_FOLLOW_RATE.values()]
     lines = [
         "# mergekit-wp micro zoo",
         "",
@@ -354,11 +355,11 @@ def model_card(record: dict) -> str:
         (
             "`base` (pretrained to a loss plateau on generated prose, arithmetic, Python, "
             "invented facts, and each expert's skill in latent form: requests, word problems and "
-            "documented functions in three surface forms, answered in the asked format 15-40 % "
-            "of the time, below the default), and three short full fine-tunes of it at a tenth "
-            "of pretraining's learning rate: `instruct` (six IFEval constraints, one added `<pad>` "
-            "token), `math` (word problems ending in `#### <n>`), `code` (HumanEval-style "
-            "completion)."
+            "documented functions in three surface forms, answered in the asked format "
+            f"{min(rates)}-{max(rates)} % of the time, below the default), and three short full "
+            "fine-tunes of it at a tenth of pretraining's learning rate: `instruct` (six IFEval "
+            "constraints, one added `<pad>` token), `math` (word problems ending in `#### <n>`), "
+            "`code` (HumanEval-style completion)."
         ),
         "",
         (
