@@ -254,7 +254,8 @@ def load_model(
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, resolve_dtype(dtype, device))}
+    dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if device_map:
@@ -262,4 +263,9 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(resolve_model(reference), **kwargs)
     if not device_map:
         model.to(device)
+    if str(device).startswith("cpu") or dtype == "float64":
+        # A mixture's default experts kernel (grouped_mm) refuses fp64, and on the CPU any shape
+        # not 16-byte aligned; the eager loop over experts computes the same outputs (dense
+        # models are eager already).
+        model.config._experts_implementation = "eager"
     return model.eval().requires_grad_(False)

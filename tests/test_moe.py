@@ -512,3 +512,18 @@ def test_score_command_writes_v2_maps_labelled_by_expert(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     labels = [t["component"] for t in report["methods"]["wp_attr"]["top"]["neurons"]]
     assert labels and all(re.fullmatch(r"N\(\d,(\d|shared),\d\)", x) for x in labels), labels
+
+
+def test_load_model_runs_a_mixture_in_fp64_on_the_cpu(tmp_path):
+    # A checkpoint keeps transformers' default experts kernel (grouped_mm), which refuses fp64;
+    # io.load_model, shared by scoring and the analyses, switches it to the eager loop there.
+    from mergekit_wp.io import load_model
+
+    config_cls, extra = ARCHS["mixtral"]
+    config = config_cls(**DIMS, **extra)
+    config.architectures = [ARCHITECTURES["mixtral"]]
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), dtype="float64", device="cpu")
+    assert model.config._experts_implementation == "eager"
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.dtype == torch.float64 and torch.isfinite(logits).all()

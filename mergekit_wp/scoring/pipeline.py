@@ -266,11 +266,6 @@ def _score_one(
         config.model,
         "Weight Patching needs same-architecture models",
     )
-    if pair.shape.num_experts and (str(device).startswith("cpu") or config.dtype == "float64"):
-        # transformers' default experts kernel (grouped_mm) refuses fp64, and on the CPU any
-        # shape not 16-byte aligned; the eager loop over experts computes the same outputs.
-        for model in (pair.base, pair.model):
-            model.config._experts_implementation = "eager"
     from transformers import AutoTokenizer
 
     # The specialized model's tokenizer carries the chat template; both models read the same x.
