@@ -58,6 +58,18 @@ def tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(config).eval()
 
 
+def wp_attr_units(base, sft, batch, utility) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(example weights, `{"head": [L, H], "neuron": [L, N]}`): one WP-attr gradient pass, its
+    parts summed into units as the score maps sum them."""
+    from mergekit_wp.scoremap import unit_scores
+    from mergekit_wp.scoring.attribution import gradient_pass
+    from mergekit_wp.scoring.utility import batch_context
+
+    _, _, weights = batch_context(base, sft, batch, utility, 1e-6)
+    heads, neurons = unit_scores(gradient_pass(base, sft, batch, utility, weights)["wp_attr"])
+    return weights, {"head": heads, "neuron": neurons}
+
+
 def central_differences(base, sft, batch, utility, weights, unit, eps) -> torch.Tensor:
     """`[L, units]`: d F(base + t (sft - base) on one unit's slices) / dt at t = 0, weighted by
     `weights` over the batch, unit by unit (the reference WP-attr is checked against)."""

@@ -22,12 +22,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from mergekit_wp.components import Component, ModelShape, load_shape
-from mergekit_wp.scoring.attribution import gradient_pass
 from mergekit_wp.scoring.exact import batch_scores
 from mergekit_wp.scoring.forward import logits_from_hidden
 from mergekit_wp.scoring.patching import restore
 from mergekit_wp.scoring.utility import KLUtility, batch_context
-from tests.conftest import central_differences
+from tests.conftest import central_differences, wp_attr_units
 from tests.test_merge_method import (
     VENV_BIN,
     Family,
@@ -96,9 +95,7 @@ def test_wp_attr_matches_central_differences(arch):
     # it, and the KL readout's differences are too small for it (KL is checked exactly below).
     base, sft = model_pair(arch)
     batch, utility = _batch(), _anchor(layer=2)
-    _, _, weights = batch_context(base, sft, batch, utility, 1e-6)
-    parts = gradient_pass(base, sft, batch, utility, weights)["wp_attr"]
-    attr = {"head": parts["q"] + parts["o"], "neuron": parts["gate"] + parts["up"] + parts["down"]}
+    weights, attr = wp_attr_units(base, sft, batch, utility)
     for unit in ("head", "neuron"):
         fd = central_differences(base, sft, batch, utility, weights, unit, eps=3e-3)
         scale = attr[unit].abs().max()

@@ -28,13 +28,13 @@ from transformers import (
 
 from mergekit_wp.components import Component, ModelShape, load_shape
 from mergekit_wp.scoremap import ScoreMap, ScoreMapError, read_score_map, write_score_map
-from mergekit_wp.scoring.attribution import gradient_pass
 from mergekit_wp.scoring.config import GranularityConfig, parse_config
 from mergekit_wp.scoring.engine import ModelPair, score_maps
 from mergekit_wp.scoring.exact import batch_scores
 from mergekit_wp.scoring.moe import decomposed
 from mergekit_wp.scoring.pipeline import score
 from mergekit_wp.scoring.utility import KLUtility, batch_context
+from tests.conftest import wp_attr_units
 from tests.test_merge_method import (
     alpha,
     dense_reference,
@@ -196,9 +196,7 @@ def test_wp_attr_matches_central_differences(arch):
     # so F carries ~1e-8 noise: the step is kept large for it.
     base, sft = moe_pair(arch)
     batch, utility = _batch(), _anchor(layer=2)
-    _, _, weights = batch_context(base, sft, batch, utility, 1e-6)
-    parts = gradient_pass(base, sft, batch, utility, weights)["wp_attr"]
-    attr = {"head": parts["q"] + parts["o"], "neuron": parts["gate"] + parts["up"] + parts["down"]}
+    weights, attr = wp_attr_units(base, sft, batch, utility)
     eps = 3e-3
 
     def derivative(move):

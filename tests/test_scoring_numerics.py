@@ -11,7 +11,7 @@ from mergekit_wp.scoring.exact import batch_scores, exact_scores
 from mergekit_wp.scoring.forward import TokenBatch
 from mergekit_wp.scoring.patching import ablate, restore, set_effect
 from mergekit_wp.scoring.utility import AnchorUtility, KLUtility, batch_context
-from tests.conftest import central_differences
+from tests.conftest import central_differences, wp_attr_units
 from tests.test_scoring_helpers import model_pair
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,9 +59,7 @@ def _naive_wp(base, sft, batch, utility, unit, stop, weights) -> torch.Tensor:
 def test_wp_attr_matches_central_differences(arch):
     base, sft = model_pair(arch)
     batch, utility = _batch(), _anchor(layer=1)
-    _, _, weights = batch_context(base, sft, batch, utility, 1e-6)
-    parts = gradient_pass(base, sft, batch, utility, weights)["wp_attr"]
-    attr = {"head": parts["q"] + parts["o"], "neuron": parts["gate"] + parts["up"] + parts["down"]}
+    weights, attr = wp_attr_units(base, sft, batch, utility)
     for unit in ("head", "neuron"):
         fd = central_differences(base, sft, batch, utility, weights, unit, eps=1e-3)
         scale = attr[unit].abs().max()
