@@ -132,9 +132,9 @@ def _family_from_table(source: str, table: dict[str, Any]) -> ArchitectureFamily
     def fail(what: str) -> ValueError:
         return ValueError(f"architecture table {source}: {what}")
 
-    if set(table) - {"experts"} != _FAMILY_KEYS:
-        missing, extra = sorted(_FAMILY_KEYS - set(table)), sorted(set(table) - _FAMILY_KEYS)
-        extra = [k for k in extra if k != "experts"]
+    keys = set(table) - {"experts"}  # the one optional key
+    if keys != _FAMILY_KEYS:
+        missing, extra = sorted(_FAMILY_KEYS - keys), sorted(keys - _FAMILY_KEYS)
         raise fail(
             f"keys must be {sorted(_FAMILY_KEYS)} (and optionally experts); missing {missing}, "
             f"unexpected {extra}"
