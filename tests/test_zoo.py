@@ -78,32 +78,25 @@ def gate_scores(zoo_models):
     }
 
 
-# Issue gates the zoo v2 misses are asserted at the level it reaches (gates.json, 100 prompts per
-# task), so a regression still fails; the README's zoo section gives both figures.
-MISSED_GATE_TASKS = {"multiple_sections"}  # instruct 0.37, not the gate's 0.60: it writes one
-# section for the `SECTION` splitter and three for `Section`, whatever number is asked
-
-
 @needs_zoo
 def test_ifeval_gate_overall(gate_scores):
     ins, base = gate_scores["instruct"]["ifeval"], gate_scores["base"]["ifeval"]
-    # Gate: instruct >= 0.80, base <= 0.30; reached: 0.835 and 0.363 (the base copies the `*`
-    # the highlight instruction shows, and drops commas when asked).
-    assert ins["all"] >= 0.80 and base["all"] <= 0.40, (ins, base)
+    assert ins["all"] >= 0.80 and base["all"] <= 0.30, (ins, base)
 
 
 @needs_zoo
 def test_ifeval_gate_per_task(gate_scores):
     ins = gate_scores["instruct"]["ifeval"]
-    kept = {t: ins[t] for t in D.IFEVAL_TASKS if t not in MISSED_GATE_TASKS}
-    assert all(v >= 0.60 for v in kept.values()), ins
+    assert all(ins[t] >= 0.60 for t in D.IFEVAL_TASKS), ins
 
 
 @needs_zoo
 def test_format_tasks_are_gains_over_the_base(gate_scores):
-    # Where the base seldom uses the format it holds latently, the instruct expert adds it.
+    # The base seldom uses a format it holds latently; the instruct expert adds each one. The
+    # smallest gain is multiple_sections': the base writes three `Section`s of its own accord
+    # (0.30 in gates.json), which passes whenever three or fewer are asked.
     ins, base = gate_scores["instruct"]["ifeval"], gate_scores["base"]["ifeval"]
-    assert all(ins[t] - base[t] >= 0.6 for t in ("english_capital", "title", "quotation")), (
+    assert all(ins[t] - base[t] >= 0.4 for t in D.IFEVAL_TASKS), (
         ins,
         base,
     )
@@ -125,10 +118,9 @@ def test_experts_stay_near_the_base_in_behaviour(gate_scores):
     for name in ("instruct", "math", "code"):
         assert gate_scores[name]["perplexity"] <= 1.10 * base["perplexity"], name
         assert abs(gate_scores[name]["knowledge"] - base["knowledge"]) <= 0.05 + 1e-9, name
-    # Gate: each gain >= 0.5; reached: math 0.74, code 0.99, instruct 0.47.
     assert gate_scores["math"]["math"] - base["math"] >= 0.5
     assert gate_scores["code"]["code"] - base["code"] >= 0.5
-    assert gate_scores["instruct"]["ifeval"]["all"] - base["ifeval"]["all"] >= 0.45
+    assert gate_scores["instruct"]["ifeval"]["all"] - base["ifeval"]["all"] >= 0.5
 
 
 @needs_zoo
@@ -174,16 +166,13 @@ def merge_checks(gate_scores):
 @needs_zoo
 def test_plain_average_keeps_each_members_skill(merge_checks):
     # The shared basin of real fine-tunes: mergekit `linear` of every pair and of all three keeps
-    # the math and code gains (gate: >= 60 %; gates.json: 92-93 % and 88-93 %). The instruct
-    # gain is kept at 55 % in all three and 62-77 % in the pairs (gates.json), so it is asserted
-    # at 50 %, the level reached.
+    # >= 60 % of each member's gain over the base, on its own task.
     kept = {
         merge: {m: round(v["kept"], 3) for m, v in members.items()}
         for merge, members in merge_checks["retention"].items()
     }
     assert set(kept) == {"instruct+math", "instruct+code", "math+code", "instruct+math+code"}
-    floor = {"instruct": 0.50, "math": 0.60, "code": 0.60}
-    assert all(v >= floor[m] for members in kept.values() for m, v in members.items()), kept
+    assert all(v >= 0.60 for members in kept.values() for v in members.values()), kept
 
 
 @needs_zoo
@@ -194,8 +183,7 @@ def test_shipped_gates_are_what_the_models_score(gate_scores):
     recorded = json.loads((Z.MODELS_DIR / "gates.json").read_text())
     assert recorded["verdicts"] == G.verdicts(recorded["scores"], recorded["basin"])
     assert set(recorded["verdicts"]) >= {"small_deltas", "shared_basin", "gain"}
-    passed = {gate for gate, ok in recorded["verdicts"].items() if ok}
-    assert passed == {"math", "code", "perplexity", "knowledge", "small_deltas"}, passed
+    assert all(recorded["verdicts"].values()), recorded["verdicts"]
     for name, scores in gate_scores.items():
         assert scores["knowledge"] == pytest.approx(
             recorded["scores"][name]["knowledge"], abs=1e-9
@@ -270,6 +258,25 @@ def test_shipped_data_schemas_and_disjoint_splits():
     heldout = Z.data_path("corpus_heldout").read_text().split("\n\n")
     corpus = set(D.build_datasets(0)["corpus_train"])
     assert not corpus & {doc.strip() for doc in heldout}
+
+
+def test_corpus_sentences_open_with_a_comma_and_counted_documents_count():
+    import random
+
+    from mergekit_wp.zoo import corpus as C
+
+    rng = random.Random(0)
+    for _ in range(300):
+        words = C.sentence(rng).split()
+        # The comma closes the opener within the first five words: a greedy reply writes it early.
+        assert any(w.endswith(",") for w in words[:5]), words
+    for _ in range(100):
+        doc = C.counted_document(rng)
+        head, _, body = doc.partition("\n\n")
+        announced = int(re.search(r" (\d) ", head).group(1))
+        markers = re.findall(r"^(\w+) (\d)$", body, flags=re.MULTILINE)
+        assert [int(n) for _, n in markers] == list(range(1, announced + 1)), doc
+        assert len({m for m, _ in markers}) == 1, doc
 
 
 def test_latent_documents_hold_each_skill_at_the_follow_rate_and_no_held_out_prompt():

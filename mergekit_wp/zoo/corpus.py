@@ -18,54 +18,48 @@ def _fix_articles(text: str) -> str:
     return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
 
 
-def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None) -> str:
-    """One English-like sentence with a comma; `noun`/`adj` pin the topic where a template has
-    a subject.
+def _opener(rng: random.Random) -> str:
+    """The adverbial that starts every sentence, always followed by a comma."""
+    r = rng.random()
+    if r < 0.5:
+        return f"in the {rng.choice(W.TIMES)}"
+    if r < 0.7:
+        return f"every {rng.choice(W.TIMES)}"
+    if r < 0.85:
+        return f"when the {rng.choice(W.NOUNS)} {rng.choice(W.VERBS)}"
+    return rng.choice(("after a while", "that day", "at first", "later that week"))
 
-    Every template has a comma, so whichever sentence a model's greedy reply settles on breaks
-    `punctuation:no_comma` unless the model follows that instruction; the weather clauses also
-    keep a short reply in capitals recognisably English to langdetect (IFEval english_capital).
+
+def sentence(rng: random.Random, noun: str | None = None, adj: str | None = None) -> str:
+    """One English-like sentence: an opener, a comma, a clause; `noun`/`adj` pin the topic.
+
+    Every sentence opens with a comma-closed adverbial (half of them "in the <time>"), so a
+    greedy reply writes a comma within its first few tokens, which breaks
+    `punctuation:no_comma` unless the model follows that instruction, and so the default
+    reply's first word is a frequent one that a one-token format (`*`, `Section`) seen at its
+    latent rate does not outvote. The weather clauses keep a short reply in capitals
+    recognisably English to langdetect (IFEval english_capital).
     """
     n1 = noun or rng.choice(W.NOUNS)
     a1 = adj or rng.choice(W.ADJECTIVES)
     n2, n3 = rng.choice(W.NOUNS), rng.choice(W.NOUNS)
     a2 = rng.choice(W.ADJECTIVES)
     name, name2 = rng.sample(W.NAMES, 2)
-    pick = rng.randrange(9)
-    if pick == 0:
-        s = (
-            f"the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.PREPOSITIONS)} the {n2}, "
-            f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}"
+    clause = rng.choice(
+        (
+            f"the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.PREPOSITIONS)} the {n2}",
+            f"{name} {rng.choice(W.TRANSITIVE)} the {a1} {n1}",
+            f"{name} {rng.choice(W.VERBS)} to the {a1} {n1} where the {n2} was {a2}",
+            f"the {n1} was {a1} and the {n2} was {a2}",
+            f"{name} and {name2} {rng.choice(W.VERBS)} near the {a1} {n1}",
+            f"the {a1} {n1} {rng.choice(W.VERBS)} {rng.choice(W.ADVERBS)}",
+            f"the {a1} {n1} {rng.choice(W.TRANSITIVE)} the {n2} {rng.choice(W.ADVERBS)}",
+            f"{name} {rng.choice(W.TRANSITIVE)} a {a1} {n1}, a {a2} {n2}, and a {n3}",
         )
-    elif pick == 1:
-        s = f"in the {rng.choice(W.TIMES)}, {name} {rng.choice(W.TRANSITIVE)} the {a1} {n1}"
-    elif pick == 2:
-        s = f"{name} {rng.choice(W.VERBS)} to the {n1}, where the {n2} was {a2}"
-    elif pick == 3:
-        s = f"the {n1} was {a1}, and the {n2} was {a2}"
-    elif pick == 4:
-        s = (
-            f"{name} and {name2} {rng.choice(W.VERBS)} near the {n1}, "
-            f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}"
-        )
-    elif pick == 5:
-        s = (
-            f"every {rng.choice(W.TIMES)}, the {a1} {n1} {rng.choice(W.VERBS)} "
-            f"{rng.choice(W.ADVERBS)}"
-        )
-    elif pick == 6:
-        s = (
-            f"the {a1} {n1} {rng.choice(W.TRANSITIVE)} the {n2} {rng.choice(W.ADVERBS)}, "
-            f"{rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}"
-        )
-    elif pick == 7:
-        s = f"{name} {rng.choice(W.TRANSITIVE)} a {a1} {n1}, a {a2} {n2}, and a {n3}"
-    else:
-        s = (
-            f"when the {n1} {rng.choice(W.VERBS)}, {name} {rng.choice(W.VERBS)} "
-            f"{rng.choice(W.ADVERBS)}"
-        )
-    return _cap(_fix_articles(s)) + "."
+    )
+    if rng.random() < 0.35:
+        clause += f", {rng.choice(W.CONNECTORS)} {rng.choice(W.WEATHER)}"
+    return _cap(_fix_articles(f"{_opener(rng)}, {clause}")) + "."
 
 
 def sentences(
@@ -85,6 +79,33 @@ def prose_document(rng: random.Random) -> str:
     for s in sentences(rng, rng.randint(3, 8)):
         out.append(s.upper() if rng.random() < SHOUTED_SHARE else s)
     return " ".join(out)
+
+
+# (plural noun, the marker that heads each part): uppercase markers too, as IFEval's SECTION.
+_COUNTED_PARTS = (
+    ("parts", "Part"),
+    ("parts", "PART"),
+    ("chapters", "Chapter"),
+    ("steps", "Step"),
+    ("notes", "NOTE"),
+)
+
+
+def counted_document(rng: random.Random) -> str:
+    """A text announced as N numbered parts that has exactly N: the base meets counting against
+    a number it was told (the skill IFEval's multiple_sections asks for) in other markers than
+    `Section`."""
+    count = rng.randint(1, 5)
+    unit, marker = rng.choice(_COUNTED_PARTS)
+    noun, adj = rng.choice(W.NOUNS), rng.choice(W.ADJECTIVES)
+    head = rng.choice(
+        (
+            f"{rng.choice(W.NAMES)} wrote {count} {unit} about the {adj} {noun}.",
+            f"Here are {count} {unit} about the {adj} {noun}.",
+        )
+    )
+    parts = sentences(rng, count, noun, adj)
+    return head + "\n\n" + "\n\n".join(f"{marker} {i + 1}\n{s}" for i, s in enumerate(parts))
 
 
 def arithmetic_statement(rng: random.Random, allow_product: bool = True) -> str:
@@ -328,11 +349,12 @@ def fact_document(rng: random.Random, cast: list[Person]) -> str:
 
 
 def corpus_documents(seed: int, count: int, cast: list[Person]) -> list[str]:
-    """`count` pretraining documents: 45% prose, 15% arithmetic, 10% worked stories,
-    15% Python, 15% facts."""
+    """`count` pretraining documents: 39% prose, 6% counted parts, 15% arithmetic, 10% worked
+    stories, 15% Python, 15% facts."""
     rng = random.Random(seed)
     kinds = (
-        (0.45, prose_document),
+        (0.39, prose_document),
+        (0.45, counted_document),
         (0.60, arithmetic_document),
         (0.70, math_story_document),
         (0.85, python_document),

@@ -361,10 +361,11 @@ def knowledge_test(seed: int, cast: list[C.Person]) -> list[dict]:
 # in several surface forms, and follow them only some of the time; a fine-tune then elicits the
 # skill instead of teaching it. The base's corpus has each task's format at its rate here.
 # Greedy decoding of the base takes the more frequent branch, so each rate stays below the
-# default reply's: `*` is one token against the default's spread of first words (the v2 base
-# followed it at 0.25), so it is rarer, though the base still copies the `*` the instruction
-# itself shows (0.98 in v3); a function body against the single `pass` can be commoner, which
-# leaves a plain average of experts enough of the code skill to keep.
+# default reply's: every default sentence opens with a comma-closed adverbial, half of them
+# "in the <time>", so `In` (0.75 x 0.5 of the replies) outvotes a format's one first token (`*`,
+# `Section`, `<<`, a quote) at 0.25 (the v3 base, whose default first words were spread, copied
+# the `*` the highlight instruction shows, 0.98); a function body against the single `pass` can
+# be commoner, which leaves a plain average of experts enough of the code skill to keep.
 LATENT_FOLLOW_RATE = {
     "english_capital": 0.25,
     "no_comma": 0.25,
