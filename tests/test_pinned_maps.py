@@ -3,9 +3,10 @@
 Small versions of `scoring/zoo-instruct.yml` (anchor utility stitched with a KL downstream,
 every method, exact neurons chosen by WP-attr) and `scoring/zoo-math.yml` (KL on generated
 responses), in float64 so that the pins do not depend on the CPU's float32 kernels. The hashes
-were first taken with the code as it stood before the one-engine restructuring (issue #13), and
-re-taken with that same code (commit df6446b) when the zoo was rebuilt (issue #11); a change
-that moves them changes what users' maps hold and must say so.
+were first taken with the code as it stood before the one-engine restructuring (issue #13),
+re-taken with that same code (commit df6446b) on the zoo v3, and re-taken on the zoo v4 with the
+code of commit 608b38b, which had reproduced the v3 pins byte for byte; a change that moves them
+changes what users' maps hold and must say so.
 """
 
 from __future__ import annotations
@@ -59,40 +60,40 @@ CONFIGS = {
 }
 
 PINNED = {
-    "instruct/ap.safetensors": "fc0e6d72869d197414bf4469db65e122a998f31107d5c8e30029552f67a90318",
+    "instruct/ap.safetensors": "c17beb9fd478f27ba4daf76e310e42920a534c24e091e0f2e70838d2fa7a6d45",
     "instruct/ap_attr.safetensors": (
-        "578aabbff3cf65ca79698f54c20338b4d867da0412a26ac7d7ba167549dfd57d"
+        "9ca637887c645807b02fbc4f7278738bba42f88226c4a744f6828bb93b204a4d"
     ),
     "instruct/downstream/ap.safetensors": (
-        "976dd23e50610d2be7106789daa7a5b628ffd106e0c893e0e22db0afff2a99d6"
+        "8385f260d3b924355a9a2aa1ee311964226c755a94ab7f5481ac02e49caaed0e"
     ),
     "instruct/downstream/ap_attr.safetensors": (
-        "08bf0cee81f1bbe2bc5830da727633c2becfacd05dee91a8566c89dea700ce46"
+        "7c0e18201269f128b23957b32bcc35977ad70bad4ff710c1f4e70fb1228afc15"
     ),
     "instruct/downstream/wp.safetensors": (
-        "b046ded793006850115c8b323e272d0ebcd0cefa69760f2f1f36afdf8e185c74"
+        "2eccecb9b56a9f95d7605c415116e79fc72d626c6759d76c0fa5b7c7254dd124"
     ),
     "instruct/downstream/wp_attr.safetensors": (
-        "36ed210700f028a6dddeff86045a6c5901a19a5ecd91eb78b2272fcc0c33bbf9"
+        "947f4a62f81948df636f30f7474d88c3d1fcc95b5b788cbec4c35e91d68562ad"
     ),
     "instruct/upstream/ap.safetensors": (
-        "104f3568dfcf6f8f4214e96560c362c782b9907da95fc06b61efa8aea4420f55"
+        "365cb97d48f5fa31c0160fc8df6446a5a70d66a8a18e473afc3c51b5e6a53ae1"
     ),
     "instruct/upstream/ap_attr.safetensors": (
-        "c71d259465b6a1c63058e46c1fd70caa7777c1327fdc77f93a32b7826ecb183c"
+        "bff659276c6643c5a087663d70fd93d656f98e22dc4adc2feb470fcedecbcef1"
     ),
     "instruct/upstream/wp.safetensors": (
-        "aa25eacde3b081411a7eea84837a9a2f6877aacd38dc27e66681af4691fa7087"
+        "9314604cb65e2d2bed8db5b26d9635acc6a1576a6f6419c2134fa9ac67a78706"
     ),
     "instruct/upstream/wp_attr.safetensors": (
-        "733be7f10c37d6642095dee84509e8acb048a4930b553f7ac2bb2521e1868389"
+        "8a5d681d3e8e40edec8fa9103f0bfbd7087f85958ba451126713e587e120afc0"
     ),
-    "instruct/wp.safetensors": "c89b370f1eb5c0a3e2a6de7586aee569bc79bd01d88026fef0711343bd48b297",
+    "instruct/wp.safetensors": "48ecf6d1e52118ab8716682beb414bd2af56949e432c3646108e3d5399379590",
     "instruct/wp_attr.safetensors": (
-        "6cd1a5bfca7c399d1259028e3ec99fc8fecfb379cccae9481ad458c780717576"
+        "f8deae8b510c64ea1334b1e93859f00e1cc9e74cfa7e984b174d08a18b924abc"
     ),
-    "math/ap_attr.safetensors": "70f9d467af40a372755cef89a85bc1fde8bc837c3eea761c262d4ab4aee1e79e",
-    "math/wp_attr.safetensors": "655bf17c624b53b270154894e5606ca6c582e04b172dbaf02903e998f9211bcc",
+    "math/ap_attr.safetensors": "e25a9b25afbc1a4214152d7dc9279451c38deb0e9cfd070388e894e7a8dda25e",
+    "math/wp_attr.safetensors": "64846bff517edb72c9b339eb7f87b835997839897a2a4bb2d018b9e63bcf2439",
 }
 
 
