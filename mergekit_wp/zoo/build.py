@@ -265,7 +265,8 @@ def build_zoo(
         save_model(base, tokenizer, out_dir / "base", stage)
     clock["base"], losses["base"] = stage["seconds"], stage["loss_per_50_steps"]
 
-    docs = document_examples(tokenizer, data["corpus_train"][-20000:])
+    # Tokenized only when a share is mixed in (the shipped plan mixes none).
+    docs = document_examples(tokenizer, data["corpus_train"][-20000:]) if plan.corpus_mix else []
     for name in EXPERTS:
         tok = tokenizer
         if name == "instruct":
